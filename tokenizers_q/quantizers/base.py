@@ -1,0 +1,171 @@
+"""The quantizer contract, its output type and the registry.
+
+Every quantizer takes channel-last input ``(..., dim)`` (or channel-first maps
+with ``channel_first=True``), returns a :class:`QuantizerOutput`, and offers
+``encode`` / ``decode`` with ``decode(encode(x)) == forward(x).quantized`` in
+eval mode. Subclasses implement three methods on flattened rows:
+``_forward_flat``, ``_decode_flat`` and the ``spec`` property.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tokenizers_q.packing import TokenSpec
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer returns.
+
+    Shapes:
+        - quantized: same shape and dtype as the input; straight-through gradient
+        - codes: (..., num_codebooks), int64 (channel axis replaced by codebooks)
+        - loss: () scalar, already weighted
+        - metrics: dict of detached scalars (usage, perplexity, dead codes, ...)
+    """
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator adding a quantizer to :func:`create_quantizer` under ``name``."""
+
+    def add(cls: type[Quantizer]) -> type[Quantizer]:
+        if name in _REGISTRY:
+            raise ValueError(f"quantizer name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def list_quantizers() -> list[str]:
+    """Names accepted by :func:`create_quantizer`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_quantizer_class(name: str) -> type[Quantizer]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown quantizer {name!r}; choose one of: {', '.join(list_quantizers())}")
+    return _REGISTRY[name]
+
+
+def create_quantizer(name: str, **kwargs) -> Quantizer:
+    """Build a registered quantizer, e.g. ``create_quantizer("fsq", levels=[8, 5, 5, 5])``."""
+    return get_quantizer_class(name)(**kwargs)
+
+
+def check_dim(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def projections(dim: int, inner_dim: int) -> tuple[nn.Module, nn.Module]:
+    """Linear maps into and out of the quantizer's space, or identities when sizes agree."""
+    if dim == inner_dim:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, inner_dim), nn.Linear(inner_dim, dim)
+
+
+class Quantizer(nn.Module):
+    """Base class: validation, channel handling, flattening, ``encode``/``decode``.
+
+    Args:
+        dim: size of the channel axis of the input.
+        channel_first: the channel axis is axis 1 (``(B, dim, *spatial)``), as
+            in convolutional feature maps; codes are then ``(B, *spatial, C)``.
+    """
+
+    def __init__(self, dim: int, channel_first: bool = False):
+        super().__init__()
+        self.dim = check_dim("dim", dim)
+        self.channel_first = channel_first
+
+    # -- implemented by subclasses -------------------------------------------------
+    @property
+    def spec(self) -> TokenSpec:
+        """The :class:`TokenSpec` of this quantizer's codes."""
+        raise NotImplementedError
+
+    def _forward_flat(self, z: torch.Tensor, update: bool) -> QuantizerOutput:
+        """Quantize rows ``z`` (N, dim) -> quantized (N, dim), codes (N, num_codebooks).
+
+        ``update`` turns on training behaviour: statistics, k-means init, dead-code
+        revival, quantize dropout. With ``update=False`` no state may change.
+        """
+        raise NotImplementedError
+
+    def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
+        """Vectors of validated codes (N, num_codebooks) -> (N, dim)."""
+        raise NotImplementedError
+
+    # -- the public contract -------------------------------------------------------
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Validate ``x`` and return its channel-last rows (N, dim) and leading shape."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+        axis = 1 if self.channel_first else -1
+        if x.dim() < (2 if self.channel_first else 1) or x.shape[axis] != self.dim:
+            where = "channel dim (axis 1)" if self.channel_first else "last dim"
+            raise ValueError(f"{name} expects input with {where} {self.dim}, got shape {tuple(x.shape)}")
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError(f"{name} got an input with NaN or inf values")
+        if self.channel_first:
+            x = x.movedim(1, -1)
+        return x.reshape(-1, self.dim), tuple(x.shape[:-1])
+
+    def _restore(self, rows: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        out = rows.reshape(*lead, rows.shape[-1])
+        return out.movedim(-1, 1) if self.channel_first else out
+
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``x``; in training mode also update the quantizer's statistics.
+
+        Shapes:
+            - x: (..., dim), or (B, dim, *spatial) with ``channel_first``
+            - output: :class:`QuantizerOutput`
+        """
+        rows, lead = self._rows(x)
+        out = self._forward_flat(rows, update=self.training)
+        quantized = self._restore(out.quantized.to(x.dtype), lead)
+        codes = out.codes.reshape(*lead, out.codes.shape[-1])
+        return QuantizerOutput(quantized, codes, out.loss, out.metrics)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of ``x`` without gradient or any change of state (also in training mode).
+
+        Shapes:
+            - x: (..., dim), or (B, dim, *spatial) with ``channel_first``
+            - output: (..., num_codebooks), int64
+        """
+        rows, lead = self._rows(x)
+        codes = self._forward_flat(rows, update=False).codes
+        return codes.reshape(*lead, codes.shape[-1])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Quantized vectors of ``codes``; raises on wrong dtype, shape or range.
+
+        Shapes:
+            - codes: (..., num_codebooks), integer
+            - output: (..., dim), or (B, dim, *spatial) with ``channel_first``
+        """
+        spec = self.spec
+        spec.check_codes(codes)
+        lead = tuple(codes.shape[:-1])
+        rows = self._decode_flat(codes.reshape(-1, spec.num_codebooks).long())
+        return self._restore(rows, lead)

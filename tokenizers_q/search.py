@@ -1,0 +1,78 @@
+"""Nearest-neighbour search against a codebook, in float32 and in chunks.
+
+The full (N, K) distance matrix is never materialised beyond ``max_elements``
+entries: rows are processed in chunks of ``max_elements // K`` so memory stays
+bounded for any batch size and codebook size, and bf16/fp16 inputs are upcast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("l2", "cosine")
+DEFAULT_MAX_ELEMENTS = 2**22  # 16 MiB of float32 distances per chunk
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+@torch.no_grad()
+def nearest(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    metric: str = "l2",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and distance to the nearest code for every row of ``x``.
+
+    Args:
+        x: query vectors.
+        codes: codebook(s); a leading batch axis searches several codebooks at once.
+        metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"``
+            (distance ``1 - cos``; inputs need not be normalised).
+        max_elements: most distance entries held in memory at once.
+
+    Shapes:
+        - x: (N, D) or (B, N, D)
+        - codes: (K, D) or (B, K, D)
+        - output: indices (N,) or (B, N), int64; distances of the same shape, float32
+    """
+    check_metric(metric)
+    batched = x.dim() == 3
+    if not batched:
+        x, codes = x.unsqueeze(0), codes.unsqueeze(0)
+    if x.dim() != 3 or codes.dim() != 3 or x.shape[-1] != codes.shape[-1] or x.shape[0] != codes.shape[0]:
+        raise ValueError(
+            f"nearest expects x (N, D) with codes (K, D), or x (B, N, D) with codes (B, K, D); "
+            f"got x {tuple(x.shape)} and codes {tuple(codes.shape)}"
+        )
+    with torch.autocast(x.device.type, enabled=False):
+        x, codes = x.float(), codes.float()
+        if metric == "cosine":
+            x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
+            bias = None
+        else:
+            bias = codes.pow(2).sum(-1).unsqueeze(1)  # (B, 1, K)
+        codes_t = codes.transpose(1, 2)
+        batch, n, k = x.shape[0], x.shape[1], codes.shape[1]
+        step = max(1, max_elements // max(1, k * batch))
+        indices = torch.empty(batch, n, dtype=torch.long, device=x.device)
+        distances = torch.empty(batch, n, dtype=torch.float32, device=x.device)
+        for start in range(0, n, step):
+            chunk = x[:, start : start + step]
+            if bias is None:
+                score = torch.bmm(chunk, codes_t)  # similarity: larger is nearer
+                best, idx = score.max(dim=-1)
+                dist = 1.0 - best
+            else:
+                score = torch.baddbmm(bias, chunk, codes_t, alpha=-2.0)  # |c|^2 - 2 x.c
+                best, idx = score.min(dim=-1)
+                dist = (best + chunk.pow(2).sum(-1)).clamp_min_(0.0)
+            indices[:, start : start + step] = idx
+            distances[:, start : start + step] = dist
+    if not batched:
+        return indices[0], distances[0]
+    return indices, distances
