@@ -41,7 +41,7 @@ def _distance_to(x: torch.Tensor, sq_norms: torch.Tensor, center: torch.Tensor, 
     """
     dots = torch.bmm(x, center.unsqueeze(-1)).squeeze(-1)
     if metric == "cosine":
-        return 1.0 - dots
+        return (1.0 - dots).clamp_min_(0.0)
     return (sq_norms - 2.0 * dots + center.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
 
 

@@ -42,13 +42,15 @@ def nearest(
     """
     check_metric(metric)
     batched = x.dim() == 3
-    if not batched:
-        x, codes = x.unsqueeze(0), codes.unsqueeze(0)
-    if x.dim() != 3 or codes.dim() != 3 or x.shape[-1] != codes.shape[-1] or x.shape[0] != codes.shape[0]:
+    if x.dim() not in (2, 3) or codes.dim() != x.dim() or x.shape[-1] != codes.shape[-1] or (
+        batched and x.shape[0] != codes.shape[0]
+    ):
         raise ValueError(
             f"nearest expects x (N, D) with codes (K, D), or x (B, N, D) with codes (B, K, D); "
             f"got x {tuple(x.shape)} and codes {tuple(codes.shape)}"
         )
+    if not batched:
+        x, codes = x.unsqueeze(0), codes.unsqueeze(0)
     with torch.autocast(x.device.type, enabled=False):
         x, codes = x.float(), codes.float()
         if metric == "cosine":

@@ -1,0 +1,39 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Small configurations of every registered quantizer, at input dim 16.
+# test_registry_covers_every_quantizer fails when a new quantizer has no entry here.
+CONFIGS = {
+    "vq": dict(dim=16, codebook_size=32),
+    "rvq": dict(dim=16, num_quantizers=3, codebook_size=16),
+    "fsq": dict(levels=[8, 5, 5], dim=16),
+    "bsq": dict(dim=16, codebook_size=2**8),
+    "lfq": dict(dim=16, codebook_size=2**8),
+    "pq": dict(dim=16, num_groups=4, codebook_size=16),
+}
+
+# Variants exercising each option through the full contract.
+VARIANTS = {
+    "vq-learnable": ("vq", dict(dim=16, codebook_size=32, ema_update=False, threshold_ema_dead_code=1.0)),
+    "vq-cosine": ("vq", dict(dim=16, codebook_size=32, use_cosine_sim=True)),
+    "vq-rotation": ("vq", dict(dim=16, codebook_size=32, rotation_trick=True)),
+    "vq-projected": ("vq", dict(dim=16, codebook_size=32, codebook_dim=4, ema_update=False)),
+    "vq-dead-codes": ("vq", dict(dim=16, codebook_size=64, threshold_ema_dead_code=2.0)),
+    "rvq-fsq": ("rvq", dict(dim=16, num_quantizers=2, quantizer="fsq", levels=[5, 5, 5])),
+    "rvq-dropout": ("rvq", dict(dim=16, num_quantizers=4, codebook_size=8, quantize_dropout=True)),
+    "rvq-projected": ("rvq", dict(dim=16, num_quantizers=2, codebook_size=8, codebook_dim=6)),
+    "pq-bsq": ("pq", dict(dim=16, num_groups=2, quantizer="bsq", codebook_size=16)),
+    "pq-rvq": ("pq", dict(dim=16, num_groups=2, quantizer="rvq", num_quantizers=2, codebook_size=8)),
+    "fsq-identity": ("fsq", dict(levels=[7, 5, 5, 5])),
+    "bsq-projected": ("bsq", dict(dim=16, codebook_size=2**12)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
