@@ -1,6 +1,6 @@
 """tokenizers_q: discrete representations for PyTorch.
 
-The core imports torch, einops-free tensor code and safetensors only; it never
+The core imports torch, numpy and safetensors only; it never
 imports lightning or wandb (those live in ``tokenizers_q.trainers``).
 """
 
