@@ -59,9 +59,7 @@ def _loss(out, library: str):
     return total
 
 
-def worker(
-    library: str, config: str, shape: tuple[int, ...], threads: int, warmup: int, repeats: int
-) -> dict:
+def worker(library: str, config: str, shape: tuple[int, ...], threads: int, warmup: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -102,13 +100,7 @@ def run_isolated(library, config, shape, args) -> dict | None:
 
 
 def _fmt(result: dict, key: str) -> str:
-    return (
-        result["error"]
-        if "error" in result
-        else f"{result[key]:.0f}"
-        if result[key] >= 10
-        else f"{result[key]:.1f}"
-    )
+    return result["error"] if "error" in result else f"{result[key]:.0f}" if result[key] >= 10 else f"{result[key]:.1f}"
 
 
 def _ratio(ours: dict, theirs: dict, key: str, invert: bool = False) -> str:
@@ -119,13 +111,9 @@ def _ratio(ours: dict, theirs: dict, key: str, invert: bool = False) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument(
-        "--shape", nargs="+", type=int, help="input shape for every config (default: per config)"
-    )
+    parser.add_argument("--shape", nargs="+", type=int, help="input shape for every config (default: per config)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)

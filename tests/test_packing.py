@@ -98,8 +98,10 @@ def test_token_file_errors(tmp_path):
     save_file(
         {"codes": torch.zeros(3, dtype=torch.uint8)},
         str(lying),
-        metadata={"tokenizers_q": '{"format": "tokenizers_q.tokens", "version": 1, '
-        '"spec": {"codebook_sizes": [256]}, "shape": [10, 1]}'},
+        metadata={
+            "tokenizers_q": '{"format": "tokenizers_q.tokens", "version": 1, '
+            '"spec": {"codebook_sizes": [256]}, "shape": [10, 1]}'
+        },
     )
     with pytest.raises(ValueError, match="lying.safetensors is a corrupt token file: packed codes hold 3 bytes"):
         load_tokens(lying)

@@ -155,9 +155,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
         samples = all_gather_rows(x)
-        result = kmeans(
-            samples, self.codebook_size, self.kmeans_iters, init=self.kmeans_seeding, metric=self.metric
-        )
+        result = kmeans(samples, self.codebook_size, self.kmeans_iters, init=self.kmeans_seeding, metric=self.metric)
         centroids = broadcast_(result.centroids.contiguous())
         sizes = broadcast_(result.cluster_weights.contiguous()).clamp_min(1.0)
         self.embed.data.copy_(centroids)
@@ -191,6 +189,4 @@ class Codebook(nn.Module):
         self.embed.data.copy_(torch.where(dead, samples, self.embed.data))
         if self.ema_update:
             self.embed_avg.copy_(torch.where(dead, samples * self.threshold_ema_dead_code, self.embed_avg))
-        self.cluster_size.copy_(
-            torch.where(dead.squeeze(-1), self.threshold_ema_dead_code, self.cluster_size)
-        )
+        self.cluster_size.copy_(torch.where(dead.squeeze(-1), self.threshold_ema_dead_code, self.cluster_size))

@@ -128,9 +128,7 @@ def kmeans(
     weighted = xb * wb.unsqueeze(-1)
     for _ in range(num_iters):
         assign, _ = nearest(xb, centroids, metric, max_elements)
-        sums = xb.new_zeros(b, num_clusters, d).scatter_add_(
-            1, assign.unsqueeze(-1).expand(-1, -1, d), weighted
-        )
+        sums = xb.new_zeros(b, num_clusters, d).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), weighted)
         counts = wb.new_zeros(b, num_clusters).scatter_add_(1, assign, wb)
         updated = sums / counts.clamp_min(1e-12).unsqueeze(-1)
         if metric == "cosine":

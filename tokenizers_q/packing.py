@@ -163,9 +163,7 @@ def unpack_codes(packed: torch.Tensor, spec: TokenSpec, shape: tuple[int, ...]) 
         bits = ((packed[start : start + bytes_per_chunk, None] >> torch.arange(8)) & 1).reshape(-1)
         rows = min(_ROWS_PER_CHUNK, num_tokens - (start // bytes_per_chunk) * _ROWS_PER_CHUNK)
         bits = bits[: rows * spec.bits_per_token].reshape(rows, spec.bits_per_token)
-        cols = [
-            (bits[:, lo:hi] << torch.arange(hi - lo)).sum(-1) for lo, hi in zip(offsets[:-1], offsets[1:])
-        ]
+        cols = [(bits[:, lo:hi] << torch.arange(hi - lo)).sum(-1) for lo, hi in zip(offsets[:-1], offsets[1:])]
         out.append(torch.stack(cols, dim=1))
     codes = torch.cat(out) if out else torch.zeros(0, spec.num_codebooks, dtype=torch.long)
     codes = codes.reshape(shape)

@@ -42,8 +42,11 @@ def nearest(
     """
     check_metric(metric)
     batched = x.dim() == 3
-    if x.dim() not in (2, 3) or codes.dim() != x.dim() or x.shape[-1] != codes.shape[-1] or (
-        batched and x.shape[0] != codes.shape[0]
+    if (
+        x.dim() not in (2, 3)
+        or codes.dim() != x.dim()
+        or x.shape[-1] != codes.shape[-1]
+        or (batched and x.shape[0] != codes.shape[0])
     ):
         raise ValueError(
             f"nearest expects x (N, D) with codes (K, D), or x (B, N, D) with codes (B, K, D); "

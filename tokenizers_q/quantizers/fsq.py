@@ -43,9 +43,7 @@ class FSQ(Quantizer):
         lv = torch.tensor(levels, dtype=torch.float32)
         eps = 1e-3
         self.register_buffer("_half_l", (lv - 1) * (1 + eps) / 2, persistent=False)
-        self.register_buffer(
-            "_offset", torch.where(torch.tensor(levels) % 2 == 0, 0.5, 0.0), persistent=False
-        )
+        self.register_buffer("_offset", torch.where(torch.tensor(levels) % 2 == 0, 0.5, 0.0), persistent=False)
         self.register_buffer("_half_width", torch.floor(lv / 2), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.long), dim=0)
         self.register_buffer("_basis", basis, persistent=False)

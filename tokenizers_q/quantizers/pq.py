@@ -60,9 +60,7 @@ class PQ(Quantizer):
         return TokenSpec.concat([group.spec for group in self.groups])
 
     def _forward_flat(self, z: torch.Tensor, update: bool) -> QuantizerOutput:
-        outs = [
-            group._forward_flat(part, update) for group, part in zip(self.groups, z.split(self.group_dim, -1))
-        ]
+        outs = [group._forward_flat(part, update) for group, part in zip(self.groups, z.split(self.group_dim, -1))]
         return QuantizerOutput(
             torch.cat([o.quantized for o in outs], dim=-1),
             torch.cat([o.codes for o in outs], dim=-1),

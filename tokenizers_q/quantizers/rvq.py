@@ -62,8 +62,7 @@ class RVQ(Quantizer):
         check_dim("num_quantizers", num_quantizers)
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ValueError(
-                f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), "
-                f"got {quantize_dropout_cutoff_index}"
+                f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
             )
         inner_dim = check_dim("codebook_dim", codebook_dim if codebook_dim is not None else dim)
         self.project_in, self.project_out = projections(dim, inner_dim)
@@ -77,9 +76,7 @@ class RVQ(Quantizer):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_quantizers={self.num_quantizers}, quantize_dropout={self.quantize_dropout}"
-        )
+        return f"dim={self.dim}, num_quantizers={self.num_quantizers}, quantize_dropout={self.quantize_dropout}"
 
     @property
     def spec(self) -> TokenSpec:
@@ -91,17 +88,13 @@ class RVQ(Quantizer):
         keep = self._dropout_mask(z) if update and self.quantize_dropout else None
         for i, layer in enumerate(self.layers):
             out = layer._forward_flat(residual, update)
-            residual = (
-                residual - out.quantized
-            )  # carries no gradient: out.quantized is residual + sg(q - residual)
+            residual = residual - out.quantized  # carries no gradient: out.quantized is residual + sg(q - residual)
             total = total + (out.quantized if keep is None else out.quantized * keep[:, i : i + 1])
             codes.append(out.codes)
             losses.append(out.loss)
             metrics.append(out.metrics)
         loss = torch.stack(losses).sum()
-        return QuantizerOutput(
-            self.project_out(total), torch.cat(codes, dim=-1), loss, merge_metrics(metrics)
-        )
+        return QuantizerOutput(self.project_out(total), torch.cat(codes, dim=-1), loss, merge_metrics(metrics))
 
     def _dropout_mask(self, z: torch.Tensor) -> torch.Tensor:
         """(N, num_quantizers) 0/1 mask keeping a random prefix of stages per vector."""
