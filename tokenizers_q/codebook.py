@@ -26,7 +26,7 @@ from torch import nn
 
 from tokenizers_q.distributed import all_gather_rows, all_reduce_sum_, broadcast_
 from tokenizers_q.kmeans import INITS, kmeans
-from tokenizers_q.metrics import usage_metrics
+from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.search import DEFAULT_MAX_ELEMENTS, nearest
 
 
@@ -118,6 +118,11 @@ class Codebook(nn.Module):
             self.embed = nn.Parameter(embed)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._initted = not kmeans_init  # Python mirror of the buffer: no tensor-to-bool sync per step
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted = bool(self.initted)
 
     def extra_repr(self) -> str:
         mode = "ema" if self.ema_update else "learnable"
@@ -140,11 +145,11 @@ class Codebook(nn.Module):
             update: apply training statistics (k-means init, EMA, dead-code revival).
         """
         x = x.float()
-        if update and not bool(self.initted):
+        if update and not self._initted:
             self._init_from(x.detach())
         indices, _ = nearest(x.detach(), self.codes.detach(), self.metric, self.max_elements)
         quantized = self.lookup(indices)
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        counts = code_counts(indices, self.codebook_size)
         if update:
             all_reduce_sum_(counts)
             self._update_statistics(x.detach(), indices, counts)
@@ -163,6 +168,7 @@ class Codebook(nn.Module):
         if self.ema_update:
             self.embed_avg.copy_(centroids * sizes.unsqueeze(-1))
         self.initted.fill_(True)
+        self._initted = True
 
     @torch.no_grad()
     def _update_statistics(self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:

@@ -16,7 +16,9 @@ def code_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor | None:
     """
     if codebook_size > MAX_COUNTED_CODES:
         return None
-    return torch.bincount(codes.reshape(-1), minlength=codebook_size).float()
+    flat = codes.reshape(-1)
+    # index_add_ has a static output shape (unlike bincount), so torch.compile keeps one graph
+    return torch.zeros(codebook_size, device=codes.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
 
 
 def usage_metrics(counts: torch.Tensor | None) -> dict[str, torch.Tensor]:

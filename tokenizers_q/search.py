@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("l2", "cosine")
-DEFAULT_MAX_ELEMENTS = 2**22  # 16 MiB of float32 distances per chunk
+DEFAULT_MAX_ELEMENTS = 2**20  # 4 MiB of float32 distances per chunk
 
 
 def check_metric(metric: str) -> None:

@@ -71,6 +71,29 @@ def check_dim(name: str, value) -> int:
     return value
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value of ``q`` with the gradient of ``x`` (the straight-through estimator).
+
+    Unlike ``x + (q - x).detach()`` the value is exactly ``q`` and no (N, D)
+    temporaries are allocated.
+
+    Shapes:
+        - x, q: (*, D), same shape and dtype
+        - output: (*, D)
+    """
+    return _StraightThrough.apply(x, q.detach())
+
+
 def _all_finite(x: torch.Tensor) -> bool:
     """One reduction pass (min and max propagate NaN and reach any inf): ~15x cheaper than isfinite().all()."""
     low, high = torch.aminmax(x)

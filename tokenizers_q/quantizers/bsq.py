@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.packing import MAX_BITS, TokenSpec
-from tokenizers_q.quantizers.base import Quantizer, QuantizerOutput, projections, register_quantizer
+from tokenizers_q.quantizers.base import Quantizer, QuantizerOutput, projections, register_quantizer, straight_through
 
 
 def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class LFQ(Quantizer):
             h = F.normalize(h, dim=-1)
         positive = h > 0
         q = torch.where(positive, self.scale, -self.scale)
-        out = h + (q - h).detach()
+        out = straight_through(h, q)
         codes = (positive.long() * self._powers).sum(-1, keepdim=True)
         # soft assignment: p(bit = 1 | h) = sigmoid(4 * tau * scale * h), i.e. a softmax over
         # the 2^L codes of 2 * tau * <h, c> that factorises over bits

@@ -9,7 +9,7 @@ import torch
 
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.packing import TokenSpec
-from tokenizers_q.quantizers.base import Quantizer, QuantizerOutput, projections, register_quantizer
+from tokenizers_q.quantizers.base import Quantizer, QuantizerOutput, projections, register_quantizer, straight_through
 
 
 @register_quantizer("fsq")
@@ -61,7 +61,7 @@ class FSQ(Quantizer):
         shift = torch.atanh(self._offset / self._half_l)
         bounded = torch.tanh(h + shift) * self._half_l - self._offset
         rounded = bounded.round()
-        grid = bounded + (rounded - bounded).detach()  # straight-through rounding
+        grid = straight_through(bounded, rounded)
         level_idx = (rounded + self._half_width).long()
         codes = (level_idx * self._basis).sum(-1, keepdim=True)
         quantized = self.project_out(grid / self._half_width)

@@ -88,7 +88,7 @@ class RVQ(Quantizer):
         keep = self._dropout_mask(z) if update and self.quantize_dropout else None
         for i, layer in enumerate(self.layers):
             out = layer._forward_flat(residual, update)
-            residual = residual - out.quantized  # carries no gradient: out.quantized is residual + sg(q - residual)
+            residual = residual - out.quantized  # zero gradient to the input: out.quantized passes it straight through
             total = total + (out.quantized if keep is None else out.quantized * keep[:, i : i + 1])
             codes.append(out.codes)
             losses.append(out.loss)

@@ -13,6 +13,7 @@ from tokenizers_q.quantizers.base import (
     check_dim,
     projections,
     register_quantizer,
+    straight_through,
 )
 from tokenizers_q.search import DEFAULT_MAX_ELEMENTS
 
@@ -124,7 +125,7 @@ class VQ(Quantizer):
         if not self.codebook.ema_update:
             loss = loss + self.codebook_weight * F.mse_loss(quantized, h.detach())
         q = quantized.detach()
-        out = rotation_trick(h, q) if self.rotation_trick else h + (q - h).detach()
+        out = rotation_trick(h, q) if self.rotation_trick else straight_through(h, q)
         return QuantizerOutput(self.project_out(out), indices.unsqueeze(-1), loss, metrics)
 
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
