@@ -59,7 +59,9 @@ def _loss(out, library: str):
     return total
 
 
-def worker(library: str, config: str, shape: tuple[int, ...], threads: int, warmup: int, repeats: int) -> dict:
+def worker(
+    library: str, config: str, shape: tuple[int, ...], threads: int, warmup: int, repeats: int, min_seconds: float
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -73,13 +75,17 @@ def worker(library: str, config: str, shape: tuple[int, ...], threads: int, warm
     module.train()
     x = torch.randn(*shape, requires_grad=True)
     times = []
-    for step in range(warmup + repeats):
+    began = time.perf_counter()
+    step = 0
+    # at least `repeats` timed steps, more (up to 50) until `min_seconds` have passed: fast configs get many samples
+    while step < warmup + repeats or (time.perf_counter() - began < min_seconds and len(times) < 50):
         start = time.perf_counter()
         _loss(module(x), library).backward()
         elapsed = time.perf_counter() - start
         x.grad = None
         if step >= warmup:
             times.append(elapsed * 1000)
+        step += 1
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"ms": statistics.median(times), "peak_mb": peak_mb}
 
@@ -87,6 +93,7 @@ def worker(library: str, config: str, shape: tuple[int, ...], threads: int, warm
 def run_isolated(library, config, shape, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", library, config, "--shape", *map(str, shape)]
     cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    cmd += ["--min-seconds", str(args.min_seconds)]
     cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -116,8 +123,9 @@ def main() -> None:
     parser.add_argument("--shape", nargs="+", type=int, help="input shape for every config (default: per config)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="at least this many timed steps")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="keep timing (up to 50 steps) this long")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per (library, config) process")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0, help="address-space cap per process")
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "CONFIG"), help=argparse.SUPPRESS)
@@ -126,7 +134,11 @@ def main() -> None:
     if args.worker:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(worker(*args.worker, tuple(args.shape), args.threads, args.warmup, args.repeats)))
+        print(
+            json.dumps(
+                worker(*args.worker, tuple(args.shape), args.threads, args.warmup, args.repeats, args.min_seconds)
+            )
+        )
         return
 
     try:
