@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from tqdm import tqdm
+
 CONFIGS = {
     # name: (tokenizers_q constructor, vector-quantize-pytorch constructor, default input shape)
     "vq1024": (
@@ -141,13 +143,6 @@ def main() -> None:
         )
         return
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bar is optional
-
-        def tqdm(it, **_):
-            return it
-
     rows = []
     jobs = [(c, lib) for c in args.configs for lib in args.libraries]
     results = {}
@@ -155,8 +150,8 @@ def main() -> None:
         shape = tuple(args.shape) if args.shape else CONFIGS[config][2]
         results[config, library] = run_isolated(library, config, shape, args)
     print(
-        f"\nTrain-mode forward + backward, {args.threads} thread(s), median of {args.repeats} after "
-        f"{args.warmup} warm-up; peak RSS of a fresh process per cell.\n"
+        f"\nTrain-mode forward + backward, {args.threads} thread(s), median of >= {args.repeats} steps "
+        f"(>= {args.min_seconds:g} s) after {args.warmup} warm-up; peak RSS of a fresh process per cell.\n"
     )
     print(
         "| config | input | tokenizers_q ms | vector-quantize-pytorch ms | speed-up | "
