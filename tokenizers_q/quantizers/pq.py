@@ -25,7 +25,9 @@ class PQ(Quantizer):
         num_groups: number of channel groups (sub-quantizers). Default: 4.
         quantizer: registered name of the per-group quantizer. Default: ``"vq"``.
         channel_first: input is (B, dim, *spatial). Default: False.
-        **quantizer_kwargs: passed to every group's quantizer, e.g. ``codebook_size=256``.
+        quantizer_kwargs: keyword arguments of the inner quantizer as one dict (the form
+            configuration files use); merged with ``**kwargs``.
+        **kwargs: passed to every group's quantizer, e.g. ``codebook_size=256``.
 
     The loss is the mean of the groups' losses, so it stays on the scale of a
     single quantizer over the whole vector.
@@ -41,9 +43,11 @@ class PQ(Quantizer):
         num_groups: int = 4,
         quantizer: str = "vq",
         channel_first: bool = False,
-        **quantizer_kwargs,
+        quantizer_kwargs: dict | None = None,
+        **kwargs,
     ):
         super().__init__(dim, channel_first)
+        quantizer_kwargs = {**(quantizer_kwargs or {}), **kwargs}
         check_dim("num_groups", num_groups)
         if dim % num_groups:
             raise ValueError(f"PQ needs dim divisible by num_groups, got dim={dim}, num_groups={num_groups}")

@@ -36,7 +36,9 @@ class RVQ(Quantizer):
             DDP). Default: False.
         quantize_dropout_cutoff_index: stages up to this index are never dropped. Default: 0.
         channel_first: input is (B, dim, *spatial). Default: False.
-        **quantizer_kwargs: passed to every stage, e.g. ``codebook_size=1024`` or
+        quantizer_kwargs: keyword arguments of the inner quantizer as one dict (the form
+            configuration files use); merged with ``**kwargs``.
+        **kwargs: passed to every stage, e.g. ``codebook_size=1024`` or
             ``levels=[8, 5, 5, 5]``.
 
     The loss is the sum of the stages' losses. Gradients reach the input once
@@ -56,9 +58,11 @@ class RVQ(Quantizer):
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
         channel_first: bool = False,
-        **quantizer_kwargs,
+        quantizer_kwargs: dict | None = None,
+        **kwargs,
     ):
         super().__init__(dim, channel_first)
+        quantizer_kwargs = {**(quantizer_kwargs or {}), **kwargs}
         check_dim("num_quantizers", num_quantizers)
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ValueError(

@@ -1,0 +1,158 @@
+"""Convolutional encoder and decoder in the VQGAN family (Esser et al., 2021).
+
+Residual blocks with GroupNorm and SiLU, strided-convolution downsampling and
+nearest-neighbour upsampling. Each stage ``i`` has ``base_channels *
+channel_mult[i]`` channels; there are ``len(channel_mult) - 1`` resolution
+changes, so the downsampling factor is ``2 ** (len(channel_mult) - 1)``. The
+encoder emits a channel-first feature map of ``latent_dim`` channels for a
+quantizer built with ``channel_first=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) x 2 plus a skip.
+
+    Shapes:
+        - input: (B, in_channels, H, W)
+        - output: (B, out_channels, H, W)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            _norm(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+def _check_stages(in_channels, base_channels, channel_mult, num_res_blocks, latent_dim):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("base_channels", base_channels),
+        ("num_res_blocks", num_res_blocks),
+        ("latent_dim", latent_dim),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult!r}")
+
+
+class Encoder(nn.Module):
+    r"""Image -> channel-first latent map, downsampled by ``2 ** (len(channel_mult) - 1)``.
+
+    Args:
+        in_channels: image channels (1 grey, 3 colour). Default: 3.
+        base_channels: channels of the first stage. Default: 64.
+        channel_mult: channel multiplier of each stage. Default: (1, 2, 2).
+        num_res_blocks: residual blocks per stage. Default: 1.
+        latent_dim: channels of the output map (the quantizer's ``dim``). Default: 64.
+        dropout: dropout inside residual blocks. Default: 0.
+
+    Shapes:
+        - input: (B, in_channels, H, W), H and W divisible by the downsampling factor
+        - output: (B, latent_dim, H / f, W / f)
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        latent_dim: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        _check_stages(in_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
+        self.in_channels, self.latent_dim = in_channels, latent_dim
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels * channel_mult[0], 3, padding=1)]
+        channels = base_channels * channel_mult[0]
+        for i, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(channels, base_channels * mult, dropout))
+                channels = base_channels * mult
+            if i < len(channel_mult) - 1:
+                layers.append(nn.Conv2d(channels, channels, 4, stride=2, padding=1))
+        layers += [ResBlock(channels, channels, dropout), _norm(channels), nn.SiLU()]
+        layers.append(nn.Conv2d(channels, latent_dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Encoder expects images of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}; "
+                f"set in_channels to the data's channel count"
+            )
+        f = self.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image height and width must be divisible by {f}, got {tuple(x.shape[-2:])}")
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    r"""Channel-first latent map -> image; the mirror of :class:`Encoder`.
+
+    Args: as :class:`Encoder`, with ``out_channels`` for the image channels.
+
+    Shapes:
+        - input: (B, latent_dim, h, w)
+        - output: (B, out_channels, h * f, w * f)
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        latent_dim: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        _check_stages(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
+        self.out_channels, self.latent_dim = out_channels, latent_dim
+        channels = base_channels * channel_mult[-1]
+        layers: list[nn.Module] = [nn.Conv2d(latent_dim, channels, 3, padding=1), ResBlock(channels, channels, dropout)]
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(channels, base_channels * mult, dropout))
+                channels = base_channels * mult
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1)]
+        layers += [_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the output convolution (for the adaptive GAN weight)."""
+        return self.net[-1].weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"Decoder expects latents of shape (B, {self.latent_dim}, h, w), got {tuple(z.shape)}")
+        return self.net(z)

@@ -1,0 +1,55 @@
+"""PatchGAN discriminator (Isola et al., pix2pix) with hinge loss and VQGAN's adaptive weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchDiscriminator(nn.Module):
+    r"""Classifies overlapping patches as real or reconstructed.
+
+    Args:
+        in_channels: image channels. Default: 3.
+        base_channels: channels of the first layer, doubled per layer (at most x8). Default: 64.
+        num_layers: strided layers; more layers see larger patches. Default: 3.
+
+    Shapes:
+        - input: (B, in_channels, H, W)
+        - output: (B, 1, h, w) patch logits
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        channels = base_channels
+        for i in range(1, num_layers + 1):
+            out = base_channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(channels, out, 4, stride, 1), nn.GroupNorm(1, out), nn.LeakyReLU(0.2)]
+            channels = out
+        layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: mean(relu(1 - real)) + mean(relu(1 + fake)), halved."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator loss against a hinge discriminator: -mean(fake)."""
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: ||grad rec|| / ||grad gan|| at the decoder's last layer, clamped to [0, 1e4]."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

@@ -1,0 +1,196 @@
+"""Lightning module training an image tokenizer: encoder -> quantizer -> decoder."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from tokenizers_q.models.discriminator import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from tokenizers_q.quantizers import Quantizer, QuantizerOutput
+
+RECON_LOSSES = ("l1", "l2")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AutoencoderModule(L.LightningModule):
+    r"""A discrete image autoencoder with injected parts.
+
+    Images enter and leave in [0, 1]; the encoder sees them in [-1, 1].
+
+    Args:
+        encoder: image -> (B, latent_dim, h, w) map (e.g. :class:`~tokenizers_q.models.Encoder`).
+        decoder: quantized map -> image.
+        quantizer: any library quantizer with ``dim == latent_dim`` (channel-first or not).
+        lr: peak learning rate of AdamW. Default: 2e-3.
+        betas: AdamW betas. Default: (0.9, 0.99).
+        weight_decay: AdamW weight decay. Default: 0.
+        warmup_steps: linear warm-up steps. Default: 100.
+        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` at the last step. Default: 0.05.
+        recon_loss: ``"l1"`` or ``"l2"``. Default: ``"l1"``.
+        quantizer_weight: weight of the quantizer's own loss. Default: 1.
+        grad_clip: gradient-norm clip (0: off). Default: 1.
+        discriminator: optional PatchGAN; adds hinge GAN losses with VQGAN's adaptive weight.
+        disc_start_step: batches before the GAN losses switch on. Default: 2000.
+        disc_weight: scale of the adaptive GAN weight. Default: 0.5.
+
+    Shapes:
+        - input: (B, C, H, W) in [0, 1]
+        - output: reconstruction (B, C, H, W) and the :class:`QuantizerOutput`
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        quantizer: Quantizer,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.05,
+        recon_loss: str = "l1",
+        quantizer_weight: float = 1.0,
+        grad_clip: float = 1.0,
+        discriminator: nn.Module | None = None,
+        disc_start_step: int = 2000,
+        disc_weight: float = 0.5,
+    ):
+        super().__init__()
+        if recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        if not isinstance(quantizer, Quantizer):
+            raise TypeError(f"quantizer must be a tokenizers_q Quantizer, got {type(quantizer).__name__}")
+        for part, module in (("encoder", encoder), ("decoder", decoder)):
+            latent_dim = getattr(module, "latent_dim", quantizer.dim)
+            if latent_dim != quantizer.dim:
+                raise ValueError(f"{part} latent_dim {latent_dim} must equal the quantizer's dim {quantizer.dim}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # the optional GAN alternates two optimizers
+        self.encoder, self.decoder, self.quantizer, self.discriminator = encoder, decoder, quantizer, discriminator
+        self.last_quantizer_metrics: dict[str, torch.Tensor] = {}
+
+    # -- the tokenizer ---------------------------------------------------------------
+    def _quantize(self, z: torch.Tensor) -> QuantizerOutput:
+        if self.quantizer.channel_first:
+            return self.quantizer(z)
+        out = self.quantizer(z.movedim(1, -1))
+        return out._replace(quantized=out.quantized.movedim(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        in_channels = getattr(self.encoder, "in_channels", x.shape[1])
+        if x.dim() != 4 or x.shape[1] != in_channels:
+            raise ValueError(f"expected images (B, {in_channels}, H, W), got {tuple(x.shape)}")
+        out = self._quantize(self.encoder(x * 2.0 - 1.0))
+        return self.decoder(out.quantized) * 0.5 + 0.5, out
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> codes (B, h, w, num_codebooks)."""
+        z = self.encoder(x * 2.0 - 1.0)
+        return self.quantizer.encode(z if self.quantizer.channel_first else z.movedim(1, -1))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w, num_codebooks) -> images (B, C, H, W), clamped to [0, 1]."""
+        q = self.quantizer.decode(codes)
+        q = q if self.quantizer.channel_first else q.movedim(-1, 1)
+        return (self.decoder(q) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    def bits_per_image(self, codes_shape: tuple[int, ...]) -> int:
+        """Exactly packed bits of one image's codes (B, h, w, C)."""
+        tokens = math.prod(codes_shape[1:-1])
+        return tokens * self.quantizer.spec.bits_per_token
+
+    # -- training ----------------------------------------------------------------------
+    def _recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(recon, x) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, x)
+
+    def _step(self, batch, stage: str):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        recon, out = self(x)
+        rec = self._recon_loss(recon, x)
+        loss = rec + self.hparams.quantizer_weight * out.loss
+        log = {f"{stage}/rec_loss": rec, f"{stage}/quantizer_loss": out.loss}
+        if stage == "train":
+            self._optimize(x, recon, rec, loss, log)
+            self.last_quantizer_metrics = out.metrics
+        else:
+            clamped = recon.clamp(0.0, 1.0)
+            log[f"{stage}/psnr"] = peak_signal_noise_ratio(clamped, x, data_range=1.0)
+            log[f"{stage}/ssim"] = structural_similarity_index_measure(clamped, x, data_range=1.0)
+            log.update({f"{stage}/{k}": v for k, v in out.metrics.items() if "/" not in k})
+        log[f"{stage}/loss"] = loss
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True)
+        self.log_dict({k: v.detach() for k, v in log.items() if k != f"{stage}/loss"}, prog_bar=False)
+        return {"loss": loss.detach(), "recon": recon.detach(), "codes": out.codes}
+
+    def _gan_active(self) -> bool:
+        return self.discriminator is not None and self._batches_done() >= self.hparams.disc_start_step
+
+    def _batches_done(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.total_batch_idx if self._trainer is not None else 0
+
+    def _optimize(self, x, recon, rec, loss, log) -> None:
+        optimizers = self.optimizers()
+        opt_g, opt_d = (optimizers, None) if self.discriminator is None else optimizers
+        if self._gan_active():
+            g_loss = hinge_g_loss(self.discriminator(recon))
+            weight = self.hparams.disc_weight * adaptive_gan_weight(rec, g_loss, self.decoder.last_layer)
+            loss = loss + weight * g_loss
+            log.update({"train/g_loss": g_loss, "train/gan_weight": weight})
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        self.lr_schedulers().step()
+        if self._gan_active():
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(recon.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.optimizer.step()  # the raw optimizer: global_step keeps counting batches, not optimizer steps
+            log["train/d_loss"] = d_loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
+        opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 10_000
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
+        if self.discriminator is None:
+            return [opt_g], [scheduler]
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return [opt_g, opt_d], [scheduler]
+
+    # -- determinism on resume -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

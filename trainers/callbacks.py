@@ -1,0 +1,131 @@
+"""Callbacks a person looks at: codebook health in the logs, reconstruction and usage PNGs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of this run: the logger's version folder, else the trainer's root."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename into ``path``: a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    """Write images (B, C, H, W) in [0, 1] as one PNG grid."""
+    from torchvision.utils import save_image
+
+    return atomic_write(Path(path), lambda tmp: save_image(images.clamp(0, 1).float().cpu(), tmp, nrow=nrow, padding=1))
+
+
+class CodebookHealth(L.Callback):
+    """Log the quantizer's metrics (usage, perplexity, dead codes, per codebook) every N training steps.
+
+    Args:
+        every_n_steps: logging interval in training batches. Default: 50.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = getattr(pl_module, "last_quantizer_metrics", {})
+        if metrics and trainer.global_step % self.every_n_steps == 0:
+            pl_module.log_dict({f"codebook/{k}": v.float() for k, v in metrics.items()})
+
+
+class ReconstructionGrid(L.Callback):
+    """After each validation, write ``reconstructions/step_XXXXXX.png`` and ``latest.png``.
+
+    Rows alternate input images and their reconstructions (first validation batch).
+
+    Args:
+        num_images: images shown. Default: 16.
+    """
+
+    def __init__(self, num_images: int = 16):
+        self.num_images = num_images
+        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_path: Path | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and isinstance(outputs, dict) and "recon" in outputs:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self._pair = (x[: self.num_images].cpu(), outputs["recon"][: self.num_images].cpu())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._pair is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        x, recon = self._pair
+        per_row = min(8, x.shape[0])
+        rows = [t for i in range(0, x.shape[0], per_row) for t in (x[i : i + per_row], recon[i : i + per_row])]
+        grid = torch.cat(rows)
+        folder = run_dir(trainer) / "reconstructions"
+        save_image_grid(grid, folder / f"step_{trainer.global_step:06d}.png", nrow=per_row)
+        self.last_path = save_image_grid(grid, folder / "latest.png", nrow=per_row)
+
+
+class CodebookUsagePlot(L.Callback):
+    """After each validation, plot how often each code was used: ``codebook_usage/latest.png``.
+
+    One panel per codebook (at most ``max_panels``), codes sorted by frequency, on a log scale.
+    """
+
+    def __init__(self, max_panels: int = 8):
+        self.max_panels = max_panels
+        self._counts: list[torch.Tensor] | None = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._counts = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not isinstance(outputs, dict) or "codes" not in outputs:
+            return
+        codes = outputs["codes"].reshape(-1, outputs["codes"].shape[-1]).cpu()
+        sizes = pl_module.quantizer.spec.codebook_sizes[: self.max_panels]
+        if self._counts is None:
+            self._counts = [torch.zeros(size) for size in sizes if size <= 2**16]
+        for i, counts in enumerate(self._counts):
+            counts += torch.bincount(codes[:, i], minlength=counts.numel()).float()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._counts or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(self._counts), 1, figsize=(7, 1.8 * len(self._counts)), squeeze=False)
+        for i, (ax, counts) in enumerate(zip(axes[:, 0], self._counts)):
+            used = int((counts > 0).sum())
+            ax.bar(range(counts.numel()), counts.sort(descending=True).values.numpy(), width=1.0)
+            ax.set_yscale("log")
+            ax.set_ylabel(f"codebook {i}")
+            ax.set_title(f"{used}/{counts.numel()} codes used ({100 * used / counts.numel():.1f}%)", fontsize=9)
+        axes[-1, 0].set_xlabel("codes, most used first")
+        fig.tight_layout()
+        folder = run_dir(trainer) / "codebook_usage"
+        for name in (f"step_{trainer.global_step:06d}.png", "latest.png"):
+            atomic_write(folder / name, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+        plt.close(fig)

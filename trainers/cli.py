@@ -1,0 +1,146 @@
+"""``tokq``: one command line for training tokenizers and moving data to and from tokens.
+
+    tokq fit --config configs/image/vq.yaml          # LightningCLI: fit / validate / test / predict
+    tokq encode --ckpt last.ckpt --output tokens.safetensors [--split test]
+    tokq decode --tokens tokens.safetensors --ckpt last.ckpt --output grid.png
+
+The Lightning subcommands take any LightningModule / LightningDataModule by
+``class_path`` (CSV logger by default; add ``--config configs/logger/wandb.yaml``
+for wandb in offline mode). ``encode`` rebuilds the data module saved in the
+checkpoint (override its root with ``--data-root``) and writes exactly packed
+codes with their TokenSpec; ``decode`` turns a token file back into an image grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+TOKEN_COMMANDS = ("encode", "decode")
+
+
+def load_tokenizer(ckpt_path: str | Path):
+    """The tokenizer module stored in a checkpoint, in eval mode on the CPU."""
+    from tokenizers_q.trainers.autoencoder import AutoencoderModule
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+
+
+def _datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):
+    import importlib
+
+    from tokenizers_q.trainers.data import ImageDataModule
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not hparams:
+        raise ValueError(f"{ckpt_path} holds no data module settings; it was not trained with a LightningDataModule")
+    class_path = hparams.get("_class_path")
+    cls = ImageDataModule
+    if class_path:
+        module_name, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**kwargs)
+
+
+def encode_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="tokq encode", description="Encode a data set to a token file.")
+    parser.add_argument("--ckpt", required=True, help="trained tokenizer checkpoint")
+    parser.add_argument("--output", required=True, help="token file to write (.safetensors)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--data-root", help="override the data root stored in the checkpoint")
+    parser.add_argument("--batch-size", type=int, help="override the batch size")
+    args = parser.parse_args(argv)
+
+    from tokenizers_q.packing import save_tokens
+
+    model = load_tokenizer(args.ckpt)
+    data = _datamodule_from_checkpoint(Path(args.ckpt), {"root": args.data_root, "batch_size": args.batch_size})
+    codes, labels = [], []
+    for batch in tqdm(data.dataloader(args.split), desc=f"encode {args.split}", unit="batch"):
+        x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        codes.append(model.encode(x))
+        if y is not None:
+            labels.append(torch.as_tensor(y))
+    codes_t = torch.cat(codes)
+    spec = model.quantizer.spec
+    metadata = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "split": args.split,
+        "quantizer": type(model.quantizer).__name__,
+        "image_shape": list(x.shape[1:]),
+        "bits_per_image": model.bits_per_image(tuple(codes_t.shape)),
+    }
+    path = save_tokens(args.output, codes_t, spec, metadata, {"labels": torch.cat(labels)} if labels else None)
+    print(
+        f"wrote {codes_t.shape[0]} images as {tuple(codes_t.shape[1:-1])} tokens x {spec.num_codebooks} codebook(s), "
+        f"{metadata['bits_per_image']} bits/image, to {path} ({path.stat().st_size} bytes)"
+    )
+    return path
+
+
+def decode_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="tokq decode", description="Decode a token file to an image grid.")
+    parser.add_argument("--tokens", required=True, help="token file written by tokq encode")
+    parser.add_argument("--ckpt", required=True, help="the tokenizer checkpoint that made the tokens")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    parser.add_argument("--num-images", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from tokenizers_q.packing import load_tokens
+    from tokenizers_q.trainers.callbacks import save_image_grid
+
+    model = load_tokenizer(args.ckpt)
+    spec = model.quantizer.spec
+    tokens = load_tokens(args.tokens)
+    if tokens.spec != spec:
+        raise ValueError(
+            f"{args.tokens} holds tokens of {tokens.spec}, but the checkpoint's quantizer "
+            f"({type(model.quantizer).__name__}) makes {spec}: decode with the tokenizer that encoded them"
+        )
+    images = model.decode(tokens.codes[: args.num_images])
+    path = save_image_grid(images, Path(args.output), nrow=8)
+    print(f"decoded {images.shape[0]} images to {path}")
+    return path
+
+
+def lightning_cli(argv: list[str] | None):
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        },
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``tokq`` console script; ``argv`` defaults to the command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOKEN_COMMANDS:
+        (encode_command if args[0] == "encode" else decode_command)(args[1:])
+        return
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+    lightning_cli(argv)
+
+
+if __name__ == "__main__":
+    main()
