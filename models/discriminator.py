@@ -33,8 +33,15 @@ class PatchDiscriminator(nn.Module):
             channels = out
         layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
+        self.num_layers = num_layers
+        self.min_size = 3 * 2**num_layers  # each stride-2 layer halves, the two last 4x4 convs take 2 pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"expected images (B, C, H, W) of at least {self.min_size}x{self.min_size} for "
+                f"{self.num_layers} layers, got {tuple(x.shape)}; use fewer layers for small images"
+            )
         return self.net(x)
 
 

@@ -2,7 +2,7 @@
 
 from tokenizers_q.trainers.autoencoder import AutoencoderModule
 from tokenizers_q.trainers.callbacks import CodebookHealth, CodebookUsagePlot, ReconstructionGrid
-from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule
+from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
 
 __all__ = [
     "AutoencoderModule",
@@ -11,4 +11,5 @@ __all__ = [
     "EpochSeededSampler",
     "ImageDataModule",
     "ReconstructionGrid",
+    "ResumableLoader",
 ]

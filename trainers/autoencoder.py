@@ -190,6 +190,10 @@ class AutoencoderModule(L.LightningModule):
     # -- determinism on resume -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        # Parts built in Python (not from a config) are in the state dict already; pickling them
+        # again would make the checkpoint unloadable with torch.load(weights_only=True).
+        hparams = checkpoint.get("hyper_parameters", {})
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not isinstance(v, nn.Module)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "torch_rng_state" in checkpoint:

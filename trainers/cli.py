@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ def load_tokenizer(ckpt_path: str | Path):
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+    with warnings.catch_warnings():  # rebuilding parts from the saved config is intended here
+        warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+        return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
 
 
 def _datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):

@@ -30,7 +30,7 @@ def read_idx_images(path: str | Path) -> torch.Tensor:
         - output: (N, H, W), uint8
     """
     path = Path(path)
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 0x0803:
         raise ValueError(f"{path} is not an IDX image file (magic 0x00000803)")
     n, h, w = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
@@ -42,7 +42,7 @@ def read_idx_images(path: str | Path) -> torch.Tensor:
 def read_idx_labels(path: str | Path) -> torch.Tensor:
     """Read an IDX label file (optionally gzipped). Shapes: output (N,), int64."""
     path = Path(path)
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 8 or int.from_bytes(raw[:4], "big") != 0x0801:
         raise ValueError(f"{path} is not an IDX label file (magic 0x00000801)")
     n = int.from_bytes(raw[4:8], "big")
@@ -83,20 +83,63 @@ class TensorImages(Dataset):
 
 
 class EpochSeededSampler(Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``; Lightning calls ``set_epoch``."""
+    """A random permutation that depends only on ``(seed, epoch)``; Lightning calls ``set_epoch``.
+
+    ``start`` skips the first indices of the permutation (a resumed epoch); the
+    length stays that of the whole epoch, as Lightning counts batches per epoch.
+    """
 
     def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        return iter(torch.randperm(self.size, generator=g)[self.start :].tolist())
 
     def __len__(self) -> int:
         return self.size
+
+
+class ResumableLoader(DataLoader):
+    """A shuffling DataLoader that Lightning can stop and resume in the middle of an epoch.
+
+    Lightning saves ``state_dict()`` in every checkpoint and hands it back to
+    ``load_state_dict()`` on resume; the resumed epoch then skips the batches the
+    killed run had already trained on, in the same ``(seed, epoch)`` order. The
+    loader draws its worker seeds from its own generator, so iterating it never
+    moves the global torch RNG (which the training step uses).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_workers: int = 0):
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochSeededSampler(len(dataset), seed),
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._yielded, self._skip = 0, 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.sampler.start = skip * self.batch_size
+        self._yielded = skip
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        # The loader has a length, so Lightning fetches no batch ahead: every batch handed out was trained on.
+        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        finished = batches >= len(self)
+        self.sampler.set_epoch(epoch + 1 if finished else epoch)
+        self._skip = 0 if finished else batches
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -159,7 +202,8 @@ class ImageDataModule(L.LightningDataModule):
         parts = {}
         for split, prefix in (("train", "train"), ("test", "t10k")):
             images, labels = (
-                next(iter(sorted(root.glob(f"{prefix}-{kind}-ubyte*"))), None) for kind in ("images-idx3", "labels-idx1")
+                next(iter(sorted(root.glob(f"{prefix}-{kind}-ubyte*"))), None)
+                for kind in ("images-idx3", "labels-idx1")
             )
             if images is None or labels is None:
                 raise FileNotFoundError(
@@ -223,8 +267,14 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.setup()
         data = self.splits[split]
-        sampler = EpochSeededSampler(len(data), self.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        if shuffle:
+            return ResumableLoader(data, self.batch_size, self.seed, self.num_workers)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)
