@@ -161,6 +161,9 @@ def test_autoencoder_round_trip_and_gradients():
     assert torch.equal(codes, model(x)[1].codes)
     assert torch.allclose(model.decode(codes), model(x)[0].clamp(0, 1), atol=1e-6)
     assert model.bits_per_image(tuple(codes.shape)) == 16 * 5
+    stats = model.code_statistics([(x[:3], None), (x[3:], None)])
+    assert stats["usage"] == [pytest.approx(codes.unique().numel() / 32)]
+    assert 1.0 <= stats["perplexity"][0] <= codes.unique().numel()
 
 
 def test_autoencoder_errors():

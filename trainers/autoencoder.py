@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.discriminator import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokenizers_q.quantizers import Quantizer, QuantizerOutput
 
@@ -107,6 +108,20 @@ class AutoencoderModule(L.LightningModule):
         q = self.quantizer.decode(codes)
         q = q if self.quantizer.channel_first else q.movedim(-1, 1)
         return (self.decoder(q) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def code_statistics(self, loader) -> dict[str, list[float]]:
+        """Usage (share of codes hit) and perplexity of each codebook over a whole data loader.
+
+        Codebooks of more than 2^20 codes are not histogrammed and get no entry.
+        """
+        counts = None
+        for batch in loader:
+            codes = self.encode(batch[0] if isinstance(batch, (list, tuple)) else batch)
+            batch_counts = [code_counts(codes[..., c], k) for c, k in enumerate(self.quantizer.spec.codebook_sizes)]
+            counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
+        per_codebook = [usage_metrics(c) for c in counts if c is not None]
+        return {name: [m[name].item() for m in per_codebook] for name in ("usage", "perplexity")}
 
     def bits_per_image(self, codes_shape: tuple[int, ...]) -> int:
         """Exactly packed bits of one image's codes (B, h, w, C)."""
