@@ -37,3 +37,22 @@ VARIANTS = {
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    from helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def trained(image_folder, tmp_path_factory):
+    """The run folder of a tiny VQ image tokenizer trained for 6 steps through ``tokq fit``."""
+    from helpers import VQ_CONFIG, cli_config
+
+    from tokenizers_q.trainers.cli import main as tokq
+
+    out = tmp_path_factory.mktemp("cli")
+    tokq(["fit", "--config", str(cli_config(image_folder, VQ_CONFIG, out))])
+    return out / "run" / "version_0"

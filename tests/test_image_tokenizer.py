@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
+from helpers import FSQ_CONFIG, IMAGE_SIZE, NUM_IMAGES, cli_config
 from PIL import Image
 
 from tokenizers_q import VQ
@@ -18,29 +18,6 @@ from tokenizers_q.packing import load_tokens
 from tokenizers_q.trainers import AutoencoderModule, ImageDataModule
 from tokenizers_q.trainers.cli import main as tokq
 from tokenizers_q.trainers.data import read_idx_images, read_idx_labels
-
-IMAGE_SIZE = 16
-NUM_IMAGES = 40
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """Two classes of 16x16 colour PNGs: blurred blobs and stripes."""
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    coords = torch.linspace(-1, 1, IMAGE_SIZE)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    for i in range(NUM_IMAGES):
-        label = ("blobs", "stripes")[i % 2]
-        c = torch.rand(2, generator=g) - 0.5
-        if label == "blobs":
-            grey = torch.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) * 6)
-        else:
-            grey = 0.5 + 0.5 * torch.sin((xx * c[0] + yy * c[1]) * 12 + i)
-        rgb = (grey[None] * torch.rand(3, 1, 1, generator=g)).clamp(0, 1)
-        (root / label).mkdir(exist_ok=True)
-        Image.fromarray((rgb.permute(1, 2, 0) * 255).byte().numpy()).save(root / label / f"{i:03d}.png")
-    return root
 
 
 def tiny_parts(channels: int = 1, codebook_size: int = 32):
@@ -232,61 +209,7 @@ def test_resume_after_kill_matches_uninterrupted_run(image_folder, tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
-# -- the CLI end to end ------------------------------------------------------------------------
-def cli_config(image_folder: Path, quantizer: dict, out: Path) -> Path:
-    config = {
-        "trainer": {
-            "max_steps": 6,
-            "val_check_interval": 3,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 1,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "default_root_dir": str(out),
-            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(out), "name": "run"}},
-            "callbacks": [
-                {"class_path": "ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": "tokenizers_q.trainers.CodebookHealth", "init_args": {"every_n_steps": 2}},
-                {"class_path": "tokenizers_q.trainers.ReconstructionGrid"},
-                {"class_path": "tokenizers_q.trainers.CodebookUsagePlot"},
-            ],
-        },
-        "model": {
-            "class_path": "tokenizers_q.trainers.AutoencoderModule",
-            "init_args": {
-                "encoder": {
-                    "class_path": "tokenizers_q.models.Encoder",
-                    "init_args": {"in_channels": 1, "base_channels": 8, "channel_mult": [1, 2, 2], "latent_dim": 8},
-                },
-                "decoder": {
-                    "class_path": "tokenizers_q.models.Decoder",
-                    "init_args": {"out_channels": 1, "base_channels": 8, "channel_mult": [1, 2, 2], "latent_dim": 8},
-                },
-                "quantizer": quantizer,
-            },
-        },
-        "data": {
-            "class_path": "tokenizers_q.trainers.ImageDataModule",
-            "init_args": {"source": "folder", "root": str(image_folder), "image_size": IMAGE_SIZE, "batch_size": 4},
-        },
-    }
-    path = out / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-VQ_CONFIG = {"class_path": "tokenizers_q.VQ", "init_args": {"dim": 8, "codebook_size": 32, "channel_first": True}}
-FSQ_CONFIG = {"class_path": "tokenizers_q.FSQ", "init_args": {"dim": 8, "levels": [5, 5], "channel_first": True}}
-
-
-@pytest.fixture(scope="module")
-def trained(image_folder, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli")
-    tokq(["fit", "--config", str(cli_config(image_folder, VQ_CONFIG, out))])
-    return out / "run" / "version_0"
-
-
+# -- the CLI end to end (the trained fixture is in conftest.py) --------------------------------
 def test_cli_fit_writes_checkpoint_logs_and_pngs(trained):
     assert (trained / "checkpoints" / "last.ckpt").is_file()
     with open(trained / "metrics.csv") as f:

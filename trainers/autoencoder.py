@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -213,3 +215,13 @@ class AutoencoderModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+def load_tokenizer(ckpt_path: str | Path) -> AutoencoderModule:
+    """The image tokenizer stored in a checkpoint, in eval mode on the CPU."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with warnings.catch_warnings():  # rebuilding parts from the saved config is intended here
+        warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+        return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()

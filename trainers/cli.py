@@ -3,6 +3,8 @@
     tokq fit --config configs/image/vq.yaml          # LightningCLI: fit / validate / test / predict
     tokq encode --ckpt last.ckpt --output tokens.safetensors [--split test]
     tokq decode --tokens tokens.safetensors --ckpt last.ckpt --output grid.png
+    tokq fit --config configs/tokens/maskgit.yaml --data.init_args.train_tokens train.safetensors
+    tokq sample --ckpt maskgit.ckpt --output samples.png [--labels 0 1 2]
 
 The Lightning subcommands take any LightningModule / LightningDataModule by
 ``class_path`` (CSV logger by default; add ``--config configs/logger/wandb.yaml``
@@ -14,45 +16,90 @@ codes with their TokenSpec; ``decode`` turns a token file back into an image gri
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-TOKEN_COMMANDS = ("encode", "decode")
+from tokenizers_q.trainers.autoencoder import load_tokenizer
+
+TOKEN_COMMANDS = ("encode", "decode", "sample")
 
 
-def load_tokenizer(ckpt_path: str | Path):
-    """The tokenizer module stored in a checkpoint, in eval mode on the CPU."""
-    from tokenizers_q.trainers.autoencoder import AutoencoderModule
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with warnings.catch_warnings():  # rebuilding parts from the saved config is intended here
-        warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
-        return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+def _class_of(hparams: dict, default: type, ckpt_path: Path) -> type:
+    """The class a LightningCLI checkpoint was made with (``_class_path``), else ``default``."""
+    class_path = hparams.get("_class_path")
+    if not class_path:
+        return default
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"{ckpt_path} was made with {class_path}, which cannot be imported") from None
 
 
 def _datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):
-    import importlib
-
     from tokenizers_q.trainers.data import ImageDataModule
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     if not hparams:
         raise ValueError(f"{ckpt_path} holds no data module settings; it was not trained with a LightningDataModule")
-    class_path = hparams.get("_class_path")
-    cls = ImageDataModule
-    if class_path:
-        module_name, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**kwargs)
+    return _class_of(hparams, ImageDataModule, ckpt_path)(**kwargs)
+
+
+def load_token_model(ckpt_path: str | Path):
+    """A transformer on tokens (MaskGIT or autoregressive) from its checkpoint, in eval mode on the CPU."""
+    from tokenizers_q.trainers.token_module import TokenModule
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hparams.setdefault("_class_path", ckpt.get("token_module_class"))
+    cls = _class_of(hparams, TokenModule, path)
+    if not issubclass(cls, TokenModule) or cls is TokenModule:
+        raise ValueError(f"{path} holds a {cls.__name__}, not a transformer on tokens (MaskGIT or autoregressive)")
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+
+
+def sample_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="tokq sample", description="Sample images from a transformer on tokens.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint of a MaskGIT or autoregressive token model")
+    parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the training tokens came from)")
+    parser.add_argument("--output", required=True, help="PNG grid to write")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--labels", type=int, nargs="+", help="classes, repeated to fill the grid (conditional models)")
+    parser.add_argument("--temperature", type=float, help="override the model's sampling temperature")
+    parser.add_argument("--steps", type=int, help="MaskGIT decoding steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from tokenizers_q.trainers.callbacks import save_image_grid
+    from tokenizers_q.trainers.maskgit import MaskedTokenModule
+
+    model = load_token_model(args.ckpt)
+    tokenizer_path = args.tokenizer or model.hparams.tokenizer
+    if tokenizer_path is None:
+        raise ValueError(f"{args.ckpt} names no tokenizer: pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path)
+    labels = None
+    if args.labels:
+        labels = torch.tensor(args.labels).repeat(math.ceil(args.num_images / len(args.labels)))[: args.num_images]
+    options = {"temperature": args.temperature}
+    if isinstance(model, MaskedTokenModule):
+        options["steps"] = args.steps
+    torch.manual_seed(args.seed)
+    images = model.sample_images(tokenizer, args.num_images, labels, **options)
+    path = save_image_grid(images, Path(args.output), nrow=8)
+    print(f"sampled {images.shape[0]} images with {type(model).__name__} to {path}")
+    return path
 
 
 def encode_command(argv: list[str]) -> Path:
@@ -138,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tokq`` console script; ``argv`` defaults to the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOKEN_COMMANDS:
-        (encode_command if args[0] == "encode" else decode_command)(args[1:])
+        {"encode": encode_command, "decode": decode_command, "sample": sample_command}[args[0]](args[1:])
         return
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
