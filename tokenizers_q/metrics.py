@@ -47,3 +47,32 @@ def merge_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         if len(values) == len(parts):
             merged[name] = torch.stack([v.float() for v in values]).mean()
     return merged
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the formula of FID).
+
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))``, computed in float64;
+    the trace of the matrix square root comes from the eigenvalues of
+    ``S_a^(1/2) S_b S_a^(1/2)`` (symmetric, so no complex arithmetic).
+
+    Shapes:
+        - features_a: (N, D); features_b: (M, D), N, M >= 2
+    """
+    if features_a.dim() != 2 or features_b.dim() != 2 or features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(
+            f"expected (N, D) and (M, D) features, got {tuple(features_a.shape)} and {tuple(features_b.shape)}"
+        )
+    if min(features_a.shape[0], features_b.shape[0]) < 2:
+        raise ValueError("each feature set needs at least 2 rows to estimate a covariance")
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(m)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
