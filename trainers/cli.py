@@ -41,7 +41,7 @@ def _class_of(hparams: dict, default: type, ckpt_path: Path) -> type:
         raise ValueError(f"{ckpt_path} was made with {class_path}, which cannot be imported") from None
 
 
-def _datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):
+def datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):
     from tokenizers_q.trainers.data import ImageDataModule
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -102,6 +102,17 @@ def sample_command(argv: list[str]) -> Path:
     return path
 
 
+def encode_split(model, data, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (N, *grid, num_codebooks) of every image of a data module's split, and its labels (or None)."""
+    codes, labels = [], []
+    for batch in tqdm(data.dataloader(split), desc=f"encode {split}", unit="batch"):
+        x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        codes.append(model.encode(x))
+        if y is not None:
+            labels.append(torch.as_tensor(y))
+    return torch.cat(codes), torch.cat(labels) if labels else None
+
+
 def encode_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="tokq encode", description="Encode a data set to a token file.")
     parser.add_argument("--ckpt", required=True, help="trained tokenizer checkpoint")
@@ -114,23 +125,17 @@ def encode_command(argv: list[str]) -> Path:
     from tokenizers_q.packing import save_tokens
 
     model = load_tokenizer(args.ckpt)
-    data = _datamodule_from_checkpoint(Path(args.ckpt), {"root": args.data_root, "batch_size": args.batch_size})
-    codes, labels = [], []
-    for batch in tqdm(data.dataloader(args.split), desc=f"encode {args.split}", unit="batch"):
-        x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
-        codes.append(model.encode(x))
-        if y is not None:
-            labels.append(torch.as_tensor(y))
-    codes_t = torch.cat(codes)
+    data = datamodule_from_checkpoint(Path(args.ckpt), {"root": args.data_root, "batch_size": args.batch_size})
+    codes_t, labels = encode_split(model, data, args.split)
     spec = model.quantizer.spec
     metadata = {
         "checkpoint": str(Path(args.ckpt).resolve()),
         "split": args.split,
         "quantizer": type(model.quantizer).__name__,
-        "image_shape": list(x.shape[1:]),
+        "image_shape": list(data.splits[args.split][0][0].shape),
         "bits_per_image": model.bits_per_image(tuple(codes_t.shape)),
     }
-    path = save_tokens(args.output, codes_t, spec, metadata, {"labels": torch.cat(labels)} if labels else None)
+    path = save_tokens(args.output, codes_t, spec, metadata, None if labels is None else {"labels": labels})
     print(
         f"wrote {codes_t.shape[0]} images as {tuple(codes_t.shape[1:-1])} tokens x {spec.num_codebooks} codebook(s), "
         f"{metadata['bits_per_image']} bits/image, to {path} ({path.stat().st_size} bytes)"
