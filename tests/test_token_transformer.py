@@ -234,8 +234,11 @@ def test_cli_fit_and_sample_through_a_tokenizer(trained, tmp_path):
     args += ["--trainer.logger.init_args.save_dir", str(out), "--data.init_args.batch_size", "8"]
     args += ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "4"]
     args += ["--model.init_args.num_classes", "2", "--model.init_args.init_from_codebook", "true"]
+    args += ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
     tokq(args)
     ckpt = next(out.rglob("last.ckpt"))
+    with Image.open(next(out.rglob("samples/latest.png"))) as im:  # SampleGrid: two rows of classes
+        assert im.size == (20 * 17 + 1, 2 * 17 + 1)
     grid = tmp_path / "samples.png"
     tokq(
         [

@@ -2,7 +2,7 @@
 
 from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
 from tokenizers_q.trainers.autoregressive import AutoregressiveTokenModule
-from tokenizers_q.trainers.callbacks import CodebookHealth, CodebookUsagePlot, ReconstructionGrid
+from tokenizers_q.trainers.callbacks import CodebookHealth, CodebookUsagePlot, ReconstructionGrid, SampleGrid
 from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
 from tokenizers_q.trainers.maskgit import MaskedTokenModule
 from tokenizers_q.trainers.token_data import TokenDataModule
@@ -17,6 +17,7 @@ __all__ = [
     "MaskedTokenModule",
     "ReconstructionGrid",
     "ResumableLoader",
+    "SampleGrid",
     "TokenDataModule",
     "load_tokenizer",
 ]

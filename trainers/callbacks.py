@@ -132,3 +132,49 @@ class CodebookUsagePlot(L.Callback):
         for name in (f"step_{trainer.global_step:06d}.png", "latest.png"):
             atomic_write(folder / name, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)
+
+
+class SampleGrid(L.Callback):
+    """After each validation, sample images from a transformer on tokens: ``samples/latest.png``.
+
+    Decodes through the tokenizer named in the model's hyper-parameters (the one that
+    made the training tokens); does nothing when there is none. With classes, each
+    row is one class.
+
+    Args:
+        num_images: images sampled. Default: 40.
+        seed: sampling seed, so grids of successive validations compare. Default: 0.
+    """
+
+    def __init__(self, num_images: int = 40, seed: int = 0):
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.num_images, self.seed = num_images, seed
+        self._tokenizer = None
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        path = getattr(pl_module.hparams, "tokenizer", None)
+        if path is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self._tokenizer is None:
+            from tokenizers_q.trainers.autoencoder import load_tokenizer
+
+            self._tokenizer = load_tokenizer(path).to(pl_module.device)
+        classes = pl_module.hparams.num_classes
+        labels = torch.arange(self.num_images, device=pl_module.device) % classes if classes else None
+        per_row = self.num_images // classes if classes else 8
+        if labels is not None:
+            labels = labels.view(per_row, classes).T.flatten() if self.num_images % classes == 0 else labels
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.sample_images(self._tokenizer, self.num_images, labels)
+        finally:
+            pl_module.train(was_training)
+            torch.set_rng_state(state)  # sampling must not change the training run
+        folder = run_dir(trainer) / "samples"
+        save_image_grid(images, folder / f"step_{trainer.global_step:06d}.png", nrow=max(1, per_row))
+        self.last_path = save_image_grid(images, folder / "latest.png", nrow=max(1, per_row))
