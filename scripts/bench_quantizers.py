@@ -6,6 +6,7 @@ reports the median. Prints one markdown table with both libraries and ratios.
 
     python scripts/bench_quantizers.py                       # every config, default shapes
     python scripts/bench_quantizers.py --configs vq1024 fsq --shape 4 256 256 --repeats 3
+    python scripts/bench_quantizers.py --device cuda        # GPU: synchronised timing, peak allocated memory
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def _loss(out, library: str):
 
 
 def worker(
-    library: str, config: str, shape: tuple[int, ...], threads: int, warmup: int, repeats: int, min_seconds: float
+    library: str,
+    config: str,
+    shape: tuple[int, ...],
+    threads: int,
+    warmup: int,
+    repeats: int,
+    min_seconds: float,
+    device: str = "cpu",
 ) -> dict:
     import torch
 
@@ -73,22 +81,28 @@ def worker(
     else:
         import vector_quantize_pytorch as lib
     ctor = CONFIGS[config][0 if library == "tokenizers_q" else 1]
-    module = eval(ctor, {**vars(lib), "D": shape[-1]})  # constructor strings are the table's own
+    module = eval(ctor, {**vars(lib), "D": shape[-1]}).to(device)  # constructor strings are the table's own
     module.train()
-    x = torch.randn(*shape, requires_grad=True)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     began = time.perf_counter()
     step = 0
     # at least `repeats` timed steps, more (up to 50) until `min_seconds` have passed: fast configs get many samples
     while step < warmup + repeats or (time.perf_counter() - began < min_seconds and len(times) < 50):
+        sync()
         start = time.perf_counter()
         _loss(module(x), library).backward()
+        sync()
         elapsed = time.perf_counter() - start
         x.grad = None
         if step >= warmup:
             times.append(elapsed * 1000)
         step += 1
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":  # what the caching allocator handed out, at its peak
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"ms": statistics.median(times), "peak_mb": peak_mb}
 
 
@@ -96,7 +110,7 @@ def run_isolated(library, config, shape, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", library, config, "--shape", *map(str, shape)]
     cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     cmd += ["--min-seconds", str(args.min_seconds)]
-    cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
+    cmd += ["--memory-limit-gb", str(args.memory_limit_gb), "--device", args.device]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -130,17 +144,17 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0, help="keep timing (up to 50 steps) this long")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per (library, config) process")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0, help="address-space cap per process")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        limit = int(args.memory_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(
-            json.dumps(
-                worker(*args.worker, tuple(args.shape), args.threads, args.warmup, args.repeats, args.min_seconds)
-            )
-        )
+        if args.device == "cpu":  # an address-space cap would break CUDA's own mappings
+            limit = int(args.memory_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        shape = tuple(args.shape)
+        result = worker(*args.worker, shape, args.threads, args.warmup, args.repeats, args.min_seconds, args.device)
+        print(json.dumps(result))
         return
 
     rows = []
@@ -149,13 +163,15 @@ def main() -> None:
     for config, library in tqdm(jobs, desc="benchmark", file=sys.stderr):
         shape = tuple(args.shape) if args.shape else CONFIGS[config][2]
         results[config, library] = run_isolated(library, config, shape, args)
+    where = f"{args.threads} CPU thread(s)" if args.device == "cpu" else "CUDA"
+    memory = "peak RSS" if args.device == "cpu" else "peak allocated GPU memory"
     print(
-        f"\nTrain-mode forward + backward, {args.threads} thread(s), median of >= {args.repeats} steps "
-        f"(>= {args.min_seconds:g} s) after {args.warmup} warm-up; peak RSS of a fresh process per cell.\n"
+        f"\nTrain-mode forward + backward, {where}, median of >= {args.repeats} steps "
+        f"(>= {args.min_seconds:g} s) after {args.warmup} warm-up; {memory} of a fresh process per cell.\n"
     )
     print(
         "| config | input | tokenizers_q ms | vector-quantize-pytorch ms | speed-up | "
-        "tokenizers_q peak MB | vector-quantize-pytorch peak MB | memory (ours / theirs) |"
+        f"tokenizers_q {memory} MB | vector-quantize-pytorch {memory} MB | memory (ours / theirs) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs:

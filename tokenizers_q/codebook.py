@@ -27,7 +27,7 @@ from torch import nn
 from tokenizers_q.distributed import all_gather_rows, all_reduce_sum_, broadcast_
 from tokenizers_q.kmeans import INITS, kmeans
 from tokenizers_q.metrics import code_counts, usage_metrics
-from tokenizers_q.search import DEFAULT_MAX_ELEMENTS, nearest
+from tokenizers_q.search import nearest
 
 
 class CodebookOutput(NamedTuple):
@@ -66,7 +66,8 @@ class Codebook(nn.Module):
         threshold_ema_dead_code: a code whose EMA cluster size falls below this
             is replaced by a vector of the current batch. 0 disables revival.
             Default: 0.
-        max_elements: most entries of the distance matrix held at once.
+        max_elements: most entries of the distance matrix held at once (default: per device, see
+            :func:`~tokenizers_q.search.nearest`).
 
     Shapes:
         - input: (N, dim)
@@ -86,7 +87,7 @@ class Codebook(nn.Module):
         decay: float = 0.99,
         eps: float = 1e-5,
         threshold_ema_dead_code: float = 0.0,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int | None = None,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("codebook_size", codebook_size)):
@@ -100,7 +101,7 @@ class Codebook(nn.Module):
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
         if kmeans_seeding not in INITS:
             raise ValueError(f"kmeans_seeding must be one of {INITS}, got {kmeans_seeding!r}")
-        if max_elements < 1:
+        if max_elements is not None and max_elements < 1:
             raise ValueError(f"max_elements must be >= 1, got {max_elements}")
         self.dim, self.codebook_size = dim, codebook_size
         self.use_cosine_sim, self.kmeans_init, self.kmeans_iters = use_cosine_sim, kmeans_init, kmeans_iters

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenizers_q.search import DEFAULT_MAX_ELEMENTS, check_metric, nearest
+from tokenizers_q.search import check_metric, nearest
 
 INITS = ("kmeans++", "random")
 
@@ -78,7 +78,7 @@ def kmeans(
     init: str = "kmeans++",
     metric: str = "l2",
     generator: torch.Generator | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``num_clusters`` centroids (Lloyd's algorithm).
 
@@ -91,7 +91,7 @@ def kmeans(
         init: ``"kmeans++"`` (D^2 seeding) or ``"random"`` (weighted sample of rows).
         metric: ``"l2"``, or ``"cosine"`` for spherical k-means (unit-norm centroids).
         generator: random generator for reproducible seeding.
-        max_elements: memory budget of the nearest-centroid search.
+        max_elements: memory budget of the nearest-centroid search (default: per device).
 
     Shapes:
         - x: (N, D) or (B, N, D)

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("l2", "cosine")
-DEFAULT_MAX_ELEMENTS = 2**20  # 4 MiB of float32 distances per chunk
+CPU_MAX_ELEMENTS = 2**20  # 4 MiB of float32 distances per chunk: stays in cache
+CUDA_MAX_ELEMENTS = 2**26  # 256 MiB per chunk: a few large matmuls instead of many small launches
+
+
+def chunk_budget(device: torch.device, max_elements: int | None) -> int:
+    """``max_elements`` if given, else the default budget of ``device``'s kind."""
+    if max_elements is not None:
+        return max_elements
+    return CUDA_MAX_ELEMENTS if device.type == "cuda" else CPU_MAX_ELEMENTS
 
 
 def check_metric(metric: str) -> None:
@@ -24,7 +32,7 @@ def nearest(
     x: torch.Tensor,
     codes: torch.Tensor,
     metric: str = "l2",
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and distance to the nearest code for every row of ``x``.
 
@@ -33,7 +41,8 @@ def nearest(
         codes: codebook(s); a leading batch axis searches several codebooks at once.
         metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"``
             (distance ``1 - cos``; inputs need not be normalised).
-        max_elements: most distance entries held in memory at once.
+        max_elements: most distance entries held in memory at once; default 2^20 on the CPU
+            (4 MiB), 2^26 on CUDA (256 MiB).
 
     Shapes:
         - x: (N, D) or (B, N, D)
@@ -63,7 +72,7 @@ def nearest(
             bias = codes.pow(2).sum(-1).unsqueeze(1)  # (B, 1, K)
         codes_t = codes.transpose(1, 2)
         batch, n, k = x.shape[0], x.shape[1], codes.shape[1]
-        step = max(1, max_elements // max(1, k * batch))
+        step = max(1, chunk_budget(x.device, max_elements) // max(1, k * batch))
         indices = torch.empty(batch, n, dtype=torch.long, device=x.device)
         distances = torch.empty(batch, n, dtype=torch.float32, device=x.device)
         for start in range(0, n, step):

@@ -15,7 +15,6 @@ from tokenizers_q.quantizers.base import (
     register_quantizer,
     straight_through,
 )
-from tokenizers_q.search import DEFAULT_MAX_ELEMENTS
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class VQ(Quantizer):
         rotation_trick: pass gradients with the rotation trick instead of the
             straight-through estimator. Default: False.
         channel_first: input is (B, dim, *spatial). Default: False.
-        max_elements: memory budget (entries) of the distance computation.
+        max_elements: memory budget (entries) of the distance computation (default: per device).
 
     Shapes:
         - input: (*, dim), or (B, dim, *spatial) with ``channel_first``
@@ -84,7 +83,7 @@ class VQ(Quantizer):
         use_cosine_sim: bool = False,
         rotation_trick: bool = False,
         channel_first: bool = False,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int | None = None,
     ):
         super().__init__(dim, channel_first)
         codebook_dim = check_dim("codebook_dim", codebook_dim if codebook_dim is not None else dim)
