@@ -262,3 +262,16 @@ def test_cli_decode_rejects_tokens_of_another_tokenizer(trained, image_folder, t
         tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(vq_ckpt), "--output", str(tmp_path / "x.png")])
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         tokq(["encode", "--ckpt", str(tmp_path / "nope.ckpt"), "--output", str(tokens_path)])
+
+
+def test_cli_wandb_config_logs_offline(image_folder, tmp_path):
+    from helpers import VQ_CONFIG
+
+    config = cli_config(image_folder, VQ_CONFIG, tmp_path)
+    save_dir = tmp_path / "wandb-runs"
+    tokq(
+        ["fit", "--config", str(config), "--config", "configs/logger/wandb.yaml", "--trainer.max_steps", "2"]
+        + ["--trainer.logger.init_args.save_dir", str(save_dir)]
+    )
+    runs = list((save_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
