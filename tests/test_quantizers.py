@@ -131,9 +131,10 @@ def test_bsq_codes_lie_on_the_unit_sphere():
 
 
 @pytest.mark.parametrize("cls", [LFQ, BSQ])
-def test_factorised_entropy_matches_the_exact_one(cls):
+@pytest.mark.parametrize("mode", ["exact", "factorised"])
+def test_entropies_match_the_softmax_over_all_codes(cls, mode):
     bits = 6
-    q = cls(dim=bits, codebook_size=2**bits, inv_temperature=3.0)
+    q = cls(dim=bits, codebook_size=2**bits, inv_temperature=3.0, codebook_entropy=mode)
     x = torch.randn(500, bits) * 0.5
     m = q(x).metrics
     # exact soft assignment over all 2^L codes: softmax of 2 * tau * <h, c>
@@ -145,7 +146,16 @@ def test_factorised_entropy_matches_the_exact_one(cls):
     avg = prob.mean(0)
     exact_codebook_entropy = -(avg * avg.clamp_min(1e-30).log()).sum()
     torch.testing.assert_close(m["per_sample_entropy"], per_sample, atol=1e-4, rtol=1e-4)
-    assert m["codebook_entropy"] >= exact_codebook_entropy - 1e-4  # sum of marginals bounds the joint
+    if mode == "exact":
+        torch.testing.assert_close(m["codebook_entropy"], exact_codebook_entropy, atol=1e-4, rtol=1e-4)
+    else:  # the sum of the per-bit marginals' entropies bounds the joint entropy from above
+        assert m["codebook_entropy"] > exact_codebook_entropy + 1e-3
+
+
+def test_codebook_entropy_mode_is_checked_and_automatic():
+    assert BSQ(dim=12, codebook_size=2**12).exact_entropy and not BSQ(dim=16, codebook_size=2**16).exact_entropy
+    with pytest.raises(ValueError, match="codebook_entropy must be one of"):
+        LFQ(dim=4, codebook_entropy="sampled")
 
 
 def test_lfq_matches_vector_quantize_pytorch_up_to_bit_order():

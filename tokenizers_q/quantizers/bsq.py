@@ -6,10 +6,12 @@ regulariser is computed in factorised form: the soft assignment over the
 ``2^L`` codes is a product of per-bit Bernoulli distributions, so
 
 - the per-sample entropy is the sum of per-bit entropies (exact), and
-- the codebook entropy is approximated by the sum of the entropies of the
-  per-bit marginals averaged over the batch (an upper bound on the exact one),
-
-in memory ``O(N * L)`` rather than ``O(N * 2^L)``.
+- the codebook entropy (of the batch-averaged assignment) is computed exactly
+  over all ``2^L`` codes for small codebooks (``log p(c | h) = sum_i
+  logsigmoid(-l_i) + <bits(c), l>``, memory ``O(N * 2^L)``), and otherwise
+  approximated by the sum of the entropies of the per-bit marginals (an upper
+  bound on the exact one, memory ``O(N * L)``). The approximation only asks each
+  bit to be balanced, so bits may stay correlated and use few codes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none")
 
 
+CODEBOOK_ENTROPIES = ("auto", "exact", "factorised")
+EXACT_ENTROPY_MAX_CODES = 2**12
+
+
 @register_quantizer("lfq")
 class LFQ(Quantizer):
     r"""Lookup-free quantization: each channel becomes ``sign(z) * scale``.
@@ -43,6 +49,8 @@ class LFQ(Quantizer):
             regulariser (per-sample entropy - gamma * codebook entropy). Default: 1.
         inv_temperature: sharpness of the soft assignment used by the
             regulariser. Default: 100.
+        codebook_entropy: ``"exact"`` (over all codes), ``"factorised"`` (per-bit
+            marginals) or ``"auto"``: exact up to 2^12 codes. Default: ``"auto"``.
         channel_first: input is (B, dim, *spatial). Default: False.
 
     Shapes:
@@ -61,6 +69,7 @@ class LFQ(Quantizer):
         commitment_weight: float = 0.25,
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
+        codebook_entropy: str = "auto",
         channel_first: bool = False,
     ):
         name = type(self).__name__
@@ -81,7 +90,12 @@ class LFQ(Quantizer):
                 f"entropy_loss_weight={entropy_loss_weight}, commitment_weight={commitment_weight}, "
                 f"inv_temperature={inv_temperature}"
             )
+        if codebook_entropy not in CODEBOOK_ENTROPIES:
+            raise ValueError(f"codebook_entropy must be one of {CODEBOOK_ENTROPIES}, got {codebook_entropy!r}")
         self.bits, self.codebook_size = bits, 2**bits
+        self.exact_entropy = codebook_entropy == "exact" or (
+            codebook_entropy == "auto" and self.codebook_size <= EXACT_ENTROPY_MAX_CODES
+        )
         self.entropy_loss_weight, self.commitment_weight = entropy_loss_weight, commitment_weight
         self.diversity_gamma, self.inv_temperature = diversity_gamma, inv_temperature
         self.scale = 1.0 / math.sqrt(bits) if self.spherical else 1.0
@@ -107,14 +121,25 @@ class LFQ(Quantizer):
         # the 2^L codes of 2 * tau * <h, c> that factorises over bits
         logits = 4.0 * self.inv_temperature * self.scale * h
         per_sample = binary_entropy_from_logits(logits).sum(-1).mean()
-        mean_prob = torch.sigmoid(logits).mean(0)
-        codebook_entropy = binary_entropy_from_logits(torch.logit(mean_prob, eps=1e-6)).sum()
+        codebook_entropy = self._codebook_entropy(logits)
         entropy_loss = per_sample - self.diversity_gamma * codebook_entropy
         loss = self.commitment_weight * F.mse_loss(h, q) + self.entropy_loss_weight * entropy_loss
         metrics = usage_metrics(code_counts(codes, self.codebook_size))
         metrics["per_sample_entropy"] = per_sample.detach()
         metrics["codebook_entropy"] = codebook_entropy.detach()
         return QuantizerOutput(self.project_out(out), codes, loss, metrics)
+
+    def _codebook_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Entropy of the batch-averaged soft assignment, exact or from per-bit marginals. Shapes: (N, L)."""
+        if not self.exact_entropy:
+            mean_prob = torch.sigmoid(logits).mean(0)
+            return binary_entropy_from_logits(torch.logit(mean_prob, eps=1e-6)).sum()
+        all_bits = (
+            torch.arange(self.codebook_size, device=logits.device).unsqueeze(1) >> self._powers.log2().long()
+        ) & 1
+        log_p = F.logsigmoid(-logits).sum(-1, keepdim=True) + logits @ all_bits.float().T  # (N, 2^L)
+        log_mean = torch.logsumexp(log_p, 0) - math.log(logits.shape[0])
+        return -(log_mean.exp() * log_mean).sum()
 
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
         bits = (codes >> torch.arange(self.bits, device=codes.device)) & 1
