@@ -14,6 +14,8 @@ from tokenizers_q.quantizers import Quantizer
 from tokenizers_q.trainers.autoencoder import load_tokenizer, warmup_cosine
 from tokenizers_q.trainers.token_data import token_file_layout
 
+BITS_PER_NAT = 1.0 / math.log(2.0)
+
 
 def code_vectors(quantizer: Quantizer) -> list[torch.Tensor]:
     """The latent vector of every code of every codebook of a quantizer: one (K_c, e) tensor per codebook.
@@ -26,8 +28,9 @@ def code_vectors(quantizer: Quantizer) -> list[torch.Tensor]:
         if part.spec.num_codebooks != 1:
             raise ValueError(f"cannot list the codes of a nested {type(part).__name__} with several codebooks")
         size = part.spec.codebook_sizes[0]
+        device = next(iter([*part.parameters(), *part.buffers()]), torch.empty(0)).device
         with torch.no_grad():
-            vectors.append(part._decode_flat(torch.arange(size).unsqueeze(1)).float())
+            vectors.append(part._decode_flat(torch.arange(size, device=device).unsqueeze(1)).float())
     return vectors
 
 
@@ -177,6 +180,3 @@ class TokenModule(L.LightningModule):
 
     def _grid(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.view(codes.shape[0], *self.transformer.grid, codes.shape[-1])
-
-
-BITS_PER_NAT = 1.0 / math.log(2.0)
