@@ -142,7 +142,44 @@ class ResumableLoader(DataLoader):
         self._skip = 0 if finished else batches
 
 
-class ImageDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """A data module whose ``setup`` fills ``self.splits`` (train / val / test datasets).
+
+    Subclasses set ``batch_size``, ``num_workers`` and ``seed``; the training loader is a
+    :class:`ResumableLoader`, the others keep their order.
+    """
+
+    item_name = "data"  # what a missing split lacks, for its error message
+    splits: dict[str, Dataset]
+
+    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """A loader over ``split`` (train / val / test); used by the CLI's ``encode`` too."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        if split not in self.splits:
+            raise ValueError(f"no {split} {self.item_name}: pass {split}_{self.item_name}")
+        data = self.splits[split]
+        if shuffle:
+            return ResumableLoader(data, self.batch_size, self.seed, self.num_workers)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+
+class ImageDataModule(SplitDataModule):
     r"""Train / val / test images for tokenizers.
 
     Args:
@@ -260,27 +297,3 @@ class ImageDataModule(L.LightningDataModule):
         self.splits = {"train": Subset(train, train_idx), "val": Subset(train, order[:n_val]), "test": test}
         if len(self.splits["train"]) == 0:
             raise ValueError(f"no training images left from {self.root} after the validation split")
-
-    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
-        """A loader over ``split`` (train / val / test); used by the CLI's ``encode`` too."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.setup()
-        data = self.splits[split]
-        if shuffle:
-            return ResumableLoader(data, self.batch_size, self.seed, self.num_workers)
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from tokenizers_q.packing import TokenFile, load_tokens
-from tokenizers_q.trainers.data import SPLITS, ResumableLoader
+from tokenizers_q.trainers.data import SplitDataModule
 
 
 class TokenDataset(Dataset):
@@ -33,7 +32,7 @@ class TokenDataset(Dataset):
         return self.codes[i], self.labels[i]
 
 
-class TokenDataModule(L.LightningDataModule):
+class TokenDataModule(SplitDataModule):
     r"""Train / val / test tokens from files written by ``tokq encode``.
 
     Args:
@@ -47,6 +46,8 @@ class TokenDataModule(L.LightningDataModule):
 
     All files must hold the same :class:`TokenSpec` and grid.
     """
+
+    item_name = "tokens"
 
     def __init__(
         self,
@@ -86,26 +87,6 @@ class TokenDataModule(L.LightningDataModule):
             data["train"], data["val"] = Subset(full, order[n_val:]), Subset(full, order[:n_val])
         self.splits = data
         self.spec, self.grid, self.metadata = train.spec, tuple(train.codes.shape[1:-1]), train.metadata
-
-    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.setup()
-        if split not in self.splits:
-            raise ValueError(f"no {split} tokens: pass {split}_tokens")
-        data = self.splits[split]
-        if shuffle:
-            return ResumableLoader(data, self.batch_size, self.seed, self.num_workers)
-        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")
 
 
 def token_file_layout(path: str | Path) -> tuple[dict, list[int], str | None]:
