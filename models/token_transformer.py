@@ -96,6 +96,23 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@torch.no_grad()
+def init_embeddings(embeds: Sequence[nn.Embedding], code_vectors: Sequence[torch.Tensor], seed: int = 0) -> None:
+    """Set each embedding table from a tokenizer's code vectors (K_c, e): a fixed random projection to the
+    table's width, centred and scaled to std 0.02, so codes close in the tokenizer's latent space start close."""
+    if len(code_vectors) != len(embeds):
+        raise ValueError(f"got code vectors of {len(code_vectors)} codebooks, expected {len(embeds)}")
+    g = torch.Generator().manual_seed(seed)
+    for c, (embed, vectors) in enumerate(zip(embeds, code_vectors)):
+        if vectors.dim() != 2 or vectors.shape[0] != embed.num_embeddings:
+            raise ValueError(
+                f"codebook {c}: expected ({embed.num_embeddings}, e) code vectors, got {tuple(vectors.shape)}"
+            )
+        projection = torch.randn(vectors.shape[1], embed.embedding_dim, generator=g)
+        weight = (vectors.float().cpu() - vectors.float().cpu().mean(0)) @ projection
+        embed.weight.copy_(weight / weight.std().clamp_min(1e-12) * 0.02)
+
+
 class TokenTransformer(nn.Module):
     r"""Pre-norm transformer over token grids, for MaskGIT and autoregressive models.
 
@@ -211,17 +228,7 @@ class TokenTransformer(nn.Module):
         """
         if any(len(r) != 1 for r in self.radices):
             raise ValueError("init_embeddings_from needs one embedding per codebook (factorised=False)")
-        if len(code_vectors) != len(self.embed):
-            raise ValueError(f"got code vectors of {len(code_vectors)} codebooks, the spec has {len(self.embed)}")
-        g = torch.Generator().manual_seed(seed)
-        for c, (embed, vectors) in enumerate(zip(self.embed, code_vectors)):
-            if vectors.dim() != 2 or vectors.shape[0] != embed.num_embeddings:
-                raise ValueError(
-                    f"codebook {c}: expected ({embed.num_embeddings}, e) code vectors, got {tuple(vectors.shape)}"
-                )
-            projection = torch.randn(vectors.shape[1], self.dim, generator=g)
-            weight = (vectors.float().cpu() - vectors.float().cpu().mean(0)) @ projection
-            embed.weight.copy_(weight / weight.std().clamp_min(1e-12) * 0.02)
+        init_embeddings(self.embed, code_vectors, seed)
 
     # -- the network -----------------------------------------------------------------------
     def forward(

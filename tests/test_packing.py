@@ -42,6 +42,7 @@ def test_spec_properties_and_dict_round_trip():
     spec = TokenSpec((1000, 1024, 1), ((8, 5, 5, 5), (1024,), (1,)))
     assert spec.bits == (10, 10, 1) and spec.bits_per_token == 21 and spec.num_codebooks == 3
     assert TokenSpec.from_dict(spec.to_dict()) == spec
+    assert TokenSpec((16, 16), ((16,), (16,))) == TokenSpec((16, 16))  # whole-code factors carry no information
     with pytest.raises(ValueError, match="must multiply to the codebook sizes"):
         TokenSpec((10,), ((3, 3),))
     with pytest.raises(ValueError, match="positive ints, got \\(0,\\)"):

@@ -149,7 +149,7 @@ def test_embeddings_from_the_codebook():
     assert [v.shape for v in code_vectors(rvq)] == [(4, 8), (4, 8)]
     with pytest.raises(ValueError, match="factorised=False"):
         module(MaskedTokenModule, SPECS["bsq"], factorised=True).transformer.init_embeddings_from([])
-    with pytest.raises(ValueError, match="code vectors of 2 codebooks, the spec has 1"):
+    with pytest.raises(ValueError, match="code vectors of 2 codebooks, expected 1"):
         model.transformer.init_embeddings_from(code_vectors(rvq))
 
 

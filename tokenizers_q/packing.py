@@ -38,7 +38,8 @@ class TokenSpec:
         codebook_sizes: size of each codebook; a token holds one code per codebook.
         factors: optional mixed-radix factorisation of each codebook's index,
             least significant digit first (FSQ levels; ``(2,) * bits`` for BSQ/LFQ;
-            ``(K,)`` for a plain codebook). Used by factorised transformer heads.
+            ``(K,)`` for a plain codebook; all-``(K,)`` factors are stored as None). Used by
+            factorised transformer heads.
     """
 
     codebook_sizes: tuple[int, ...]
@@ -57,7 +58,8 @@ class TokenSpec:
             factors = tuple(tuple(f) for f in self.factors)
             if len(factors) != len(sizes) or any(math.prod(f) != s for f, s in zip(factors, sizes)):
                 raise ValueError(f"factors {factors} must multiply to the codebook sizes {sizes}")
-            object.__setattr__(self, "factors", factors)
+            # all-whole factors say nothing beyond the sizes: store them as None so that equal specs compare equal
+            object.__setattr__(self, "factors", None if all(len(f) == 1 for f in factors) else factors)
 
     @property
     def num_codebooks(self) -> int:

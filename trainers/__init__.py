@@ -1,5 +1,7 @@
 """Lightning modules, data modules, callbacks and the ``tokq`` CLI (installed as ``tokenizers_q.trainers``)."""
 
+import importlib
+
 from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
 from tokenizers_q.trainers.autoregressive import AutoregressiveTokenModule
 from tokenizers_q.trainers.callbacks import CodebookHealth, CodebookUsagePlot, ReconstructionGrid, SampleGrid
@@ -7,17 +9,43 @@ from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, Resu
 from tokenizers_q.trainers.maskgit import MaskedTokenModule
 from tokenizers_q.trainers.token_data import TokenDataModule
 
+_LAZY = {  # graph parts: torch_geometric is an optional extra, imported on first use
+    "GraphDataModule": "graph_data",
+    "ba_house": "graph_data",
+    "contextual_sbm": "graph_data",
+    "GraphTokenizerModule": "graph_tokenizer",
+    "load_graph_tokenizer": "graph_tokenizer",
+    "GraphTransformerModule": "graph_transformer",
+    "NodeTokenDataModule": "node_tokens",
+    "write_node_tokens": "node_tokens",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AutoencoderModule",
     "AutoregressiveTokenModule",
     "CodebookHealth",
     "CodebookUsagePlot",
     "EpochSeededSampler",
+    "GraphDataModule",
+    "GraphTokenizerModule",
+    "GraphTransformerModule",
     "ImageDataModule",
     "MaskedTokenModule",
+    "NodeTokenDataModule",
     "ReconstructionGrid",
     "ResumableLoader",
     "SampleGrid",
     "TokenDataModule",
+    "ba_house",
+    "contextual_sbm",
+    "load_graph_tokenizer",
     "load_tokenizer",
+    "write_node_tokens",
 ]

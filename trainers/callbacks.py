@@ -39,6 +39,28 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     return atomic_write(Path(path), lambda tmp: save_image(images.clamp(0, 1).float().cpu(), tmp, nrow=nrow, padding=1))
 
 
+def plot_code_counts(counts: list[torch.Tensor], path: Path) -> Path:
+    """Bar chart of code frequencies (most used first, log scale), one panel per codebook, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(counts), 1, figsize=(7, 1.8 * len(counts)), squeeze=False)
+    for i, (ax, count) in enumerate(zip(axes[:, 0], counts)):
+        used = int((count > 0).sum())
+        ax.bar(range(count.numel()), count.cpu().sort(descending=True).values.numpy(), width=1.0)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"codebook {i}")
+        ax.set_title(f"{used}/{count.numel()} codes used ({100 * used / count.numel():.1f}%)", fontsize=9)
+    axes[-1, 0].set_xlabel("codes, most used first")
+    fig.tight_layout()
+    try:
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
+
+
 class CodebookHealth(L.Callback):
     """Log the quantizer's metrics (usage, perplexity, dead codes, per codebook) every N training steps.
 
@@ -114,24 +136,9 @@ class CodebookUsagePlot(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self._counts or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(self._counts), 1, figsize=(7, 1.8 * len(self._counts)), squeeze=False)
-        for i, (ax, counts) in enumerate(zip(axes[:, 0], self._counts)):
-            used = int((counts > 0).sum())
-            ax.bar(range(counts.numel()), counts.sort(descending=True).values.numpy(), width=1.0)
-            ax.set_yscale("log")
-            ax.set_ylabel(f"codebook {i}")
-            ax.set_title(f"{used}/{counts.numel()} codes used ({100 * used / counts.numel():.1f}%)", fontsize=9)
-        axes[-1, 0].set_xlabel("codes, most used first")
-        fig.tight_layout()
         folder = run_dir(trainer) / "codebook_usage"
         for name in (f"step_{trainer.global_step:06d}.png", "latest.png"):
-            atomic_write(folder / name, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-        plt.close(fig)
+            plot_code_counts(self._counts, folder / name)
 
 
 class SampleGrid(L.Callback):

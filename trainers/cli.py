@@ -5,6 +5,8 @@
     tokq decode --tokens tokens.safetensors --ckpt last.ckpt --output grid.png
     tokq fit --config configs/tokens/maskgit.yaml --data.init_args.train_tokens train.safetensors
     tokq sample --ckpt maskgit.ckpt --output samples.png [--labels 0 1 2]
+    tokq fit --config configs/graph/tokenizer.yaml   # graph tokenizer; encode writes node tokens + PPR
+    tokq inspect --tokens tokens.safetensors [--plot usage.png]   # codebook usage per codebook / RVQ level
 
 The Lightning subcommands take any LightningModule / LightningDataModule by
 ``class_path`` (CSV logger by default; add ``--config configs/logger/wandb.yaml``
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from tokenizers_q.trainers.autoencoder import load_tokenizer
 
-TOKEN_COMMANDS = ("encode", "decode", "sample")
+TOKEN_COMMANDS = ("encode", "decode", "sample", "inspect")
 
 
 def _class_of(hparams: dict, default: type, ckpt_path: Path) -> type:
@@ -120,10 +122,17 @@ def encode_command(argv: list[str]) -> Path:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data-root", help="override the data root stored in the checkpoint")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
+    parser.add_argument("--graph", help="graph tokenizers: override the graph (csbm, ba_house or a .pt file)")
+    parser.add_argument("--ppr-k", type=int, help="graph tokenizers: PPR neighbours stored per node")
+    parser.add_argument("--ppr-alpha", type=float, help="graph tokenizers: PPR restart probability")
     args = parser.parse_args(argv)
 
     from tokenizers_q.packing import save_tokens
 
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"no checkpoint at {args.ckpt}")
+    if torch.load(args.ckpt, map_location="cpu", weights_only=False).get("tokenizer_kind") == "graph":
+        return encode_graph(args)
     model = load_tokenizer(args.ckpt)
     data = datamodule_from_checkpoint(Path(args.ckpt), {"root": args.data_root, "batch_size": args.batch_size})
     codes_t, labels = encode_split(model, data, args.split)
@@ -143,6 +152,57 @@ def encode_command(argv: list[str]) -> Path:
     return path
 
 
+def encode_graph(args) -> Path:
+    """``tokq encode`` for a graph tokenizer: every node's codes, labels, masks and PPR neighbours."""
+    from tokenizers_q.trainers.graph_tokenizer import load_graph_tokenizer
+    from tokenizers_q.trainers.node_tokens import write_node_tokens
+
+    model = load_graph_tokenizer(args.ckpt)
+    data = datamodule_from_checkpoint(Path(args.ckpt), {"graph": args.graph})
+    data.setup()
+    k = args.ppr_k or data.hparams.ppr_k
+    alpha = args.ppr_alpha or data.hparams.ppr_alpha
+    metadata = {"checkpoint": str(Path(args.ckpt).resolve()), "graph": str(data.hparams.graph)}
+    path = write_node_tokens(model, data.data, args.output, k, alpha, metadata)
+    spec = model.quantizer.spec
+    print(
+        f"wrote {data.data.num_nodes} nodes x {spec.num_codebooks} codebook(s), {spec.bits_per_token} bits/node, "
+        f"with their top-{k} PPR neighbours, to {path} ({path.stat().st_size} bytes)"
+    )
+    return path
+
+
+def inspect_command(argv: list[str]) -> dict[str, list[float]]:
+    parser = argparse.ArgumentParser(prog="tokq inspect", description="Codebook usage of a token file.")
+    parser.add_argument("--tokens", required=True, help="token file written by tokq encode")
+    parser.add_argument("--plot", help="also write a PNG of code frequencies per codebook")
+    args = parser.parse_args(argv)
+
+    from tokenizers_q.metrics import code_counts, usage_metrics
+    from tokenizers_q.packing import load_tokens
+
+    tokens = load_tokens(args.tokens)
+    codes = tokens.codes.reshape(-1, tokens.spec.num_codebooks).long()
+    counts = [code_counts(codes[:, c], k) for c, k in enumerate(tokens.spec.codebook_sizes)]
+    kind = tokens.metadata.get("kind", "images")
+    print(f"{args.tokens}: {tokens.codes.shape[0]} {kind}, codes {tuple(tokens.codes.shape[1:])}, {tokens.spec}")
+    print("| codebook | size | bits | used | usage | perplexity |\n|---|---|---|---|---|---|")
+    stats: dict[str, list[float]] = {"usage": [], "perplexity": []}
+    for c, (size, bits, count) in enumerate(zip(tokens.spec.codebook_sizes, tokens.spec.bits, counts)):
+        if count is None:
+            print(f"| {c} | {size} | {bits} | - | too large to count | - |")
+            continue
+        m = usage_metrics(count)
+        stats["usage"].append(m["usage"].item())
+        stats["perplexity"].append(m["perplexity"].item())
+        print(f"| {c} | {size} | {bits} | {int((count > 0).sum())} | {m['usage']:.1%} | {m['perplexity']:.1f} |")
+    if args.plot:
+        from tokenizers_q.trainers.callbacks import plot_code_counts
+
+        print(f"wrote {plot_code_counts([c for c in counts if c is not None], Path(args.plot))}")
+    return stats
+
+
 def decode_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="tokq decode", description="Decode a token file to an image grid.")
     parser.add_argument("--tokens", required=True, help="token file written by tokq encode")
@@ -154,9 +214,11 @@ def decode_command(argv: list[str]) -> Path:
     from tokenizers_q.packing import load_tokens
     from tokenizers_q.trainers.callbacks import save_image_grid
 
+    tokens = load_tokens(args.tokens)
+    if tokens.metadata.get("kind") == "nodes":
+        raise ValueError(f"{args.tokens} holds node tokens, which decode to no image: see them with tokq inspect")
     model = load_tokenizer(args.ckpt)
     spec = model.quantizer.spec
-    tokens = load_tokens(args.tokens)
     if tokens.spec != spec:
         raise ValueError(
             f"{args.tokens} holds tokens of {tokens.spec}, but the checkpoint's quantizer "
@@ -190,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tokq`` console script; ``argv`` defaults to the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOKEN_COMMANDS:
-        {"encode": encode_command, "decode": decode_command, "sample": sample_command}[args[0]](args[1:])
+        commands = {"encode": encode_command, "decode": decode_command, "sample": sample_command}
+        {**commands, "inspect": inspect_command}[args[0]](args[1:])
         return
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)

@@ -1,0 +1,105 @@
+"""A transformer over node tokens: each node reads its own codes and those of its top-k PPR neighbours."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tokenizers_q.models.token_transformer import init_embeddings
+
+
+class GraphTransformer(nn.Module):
+    r"""Node classification from discrete node tokens (GQT stage 2).
+
+    A node's sequence is itself followed by its ``num_neighbours`` highest-PPR
+    neighbours; every node contributes one token per codebook (RVQ level). A token's
+    embedding is the sum of its code's embedding (one table per codebook), a
+    codebook embedding and a rank embedding (0 = the node itself, r = the r-th
+    neighbour), optionally multiplied by a per-channel gate computed from the
+    neighbour's PPR score (token modulation by structure). Pre-norm transformer
+    layers mix the tokens; attention pooling makes the node representation; a
+    linear head classifies it.
+
+    Args:
+        codebook_sizes: codes per codebook, e.g. ``[256, 256, 256]`` for 3 RVQ levels.
+        num_classes: output classes.
+        num_neighbours: PPR neighbours per node (sequence = 1 + num_neighbours nodes).
+        dim: model width. Default: 128.
+        depth: transformer layers. Default: 2.
+        heads: attention heads. Default: 4.
+        mlp_ratio: feed-forward width over ``dim``. Default: 2.
+        dropout: Default: 0.1.
+        gating: multiply neighbour tokens by a gate from their PPR score. Default: True.
+
+    Shapes:
+        - codes: (B, 1 + num_neighbours, num_codebooks) int64 (any value where ``valid`` is False)
+        - scores: (B, 1 + num_neighbours) float PPR scores (position 0, the node itself, is not gated)
+        - valid: (B, 1 + num_neighbours) bool, False at padding (nodes with fewer neighbours)
+        - output: logits (B, num_classes)
+    """
+
+    def __init__(
+        self,
+        codebook_sizes: Sequence[int],
+        num_classes: int,
+        num_neighbours: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.1,
+        gating: bool = True,
+    ):
+        super().__init__()
+        if not codebook_sizes or any(not isinstance(k, int) or k < 1 for k in codebook_sizes):
+            raise ValueError(f"codebook_sizes must be positive ints, got {codebook_sizes!r}")
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(num_neighbours, int) or num_neighbours < 0:
+            raise ValueError(f"num_neighbours must be a non-negative int, got {num_neighbours!r}")
+        self.codebook_sizes, self.num_neighbours = list(codebook_sizes), num_neighbours
+        self.embed = nn.ModuleList(nn.Embedding(k, dim) for k in codebook_sizes)
+        self.codebook_embedding = nn.Parameter(torch.randn(len(codebook_sizes), dim) * 0.02)
+        self.rank_embedding = nn.Parameter(torch.randn(1 + num_neighbours, dim) * 0.02)
+        self.gate = nn.Sequential(nn.Linear(1, dim), nn.Sigmoid()) if gating else None
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.pool = nn.Linear(dim, 1)
+        self.head = nn.Linear(dim, num_classes)
+        for embed in self.embed:
+            nn.init.normal_(embed.weight, std=0.02)
+
+    def init_embeddings_from(self, code_vectors: Sequence[torch.Tensor], seed: int = 0) -> None:
+        """Start the code embeddings from the tokenizer's code vectors (one (K_c, e) tensor per codebook)."""
+        init_embeddings(self.embed, code_vectors, seed)
+
+    def _check(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> None:
+        length, width = 1 + self.num_neighbours, len(self.codebook_sizes)
+        if codes.dim() != 3 or codes.shape[1:] != (length, width):
+            raise ValueError(f"expected codes (B, {length}, {width}), got {tuple(codes.shape)}")
+        if scores.shape != codes.shape[:2] or valid.shape != codes.shape[:2]:
+            raise ValueError(
+                f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must both be {tuple(codes.shape[:2])}"
+            )
+
+    def forward(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        self._check(codes, scores, valid)
+        codes = torch.where(valid[..., None], codes, 0)
+        tokens = torch.stack([embed(codes[..., c]) for c, embed in enumerate(self.embed)], dim=2)  # (B, S, C, dim)
+        tokens = tokens + self.codebook_embedding + self.rank_embedding[:, None]
+        if self.gate is not None:
+            log_score = torch.log(scores.clamp_min(1e-6))[..., None]
+            gate = self.gate(log_score)
+            gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)  # the node itself is not gated
+            tokens = tokens * gate[:, :, None]
+        tokens = tokens.flatten(1, 2)  # (B, S * C, dim)
+        padding = (~valid).repeat_interleave(len(self.embed), dim=1)
+        h = self.norm(self.blocks(tokens, src_key_padding_mask=padding))
+        weights = self.pool(h).squeeze(-1).masked_fill(padding, float("-inf")).softmax(dim=-1)
+        return self.head((weights[..., None] * h).sum(1))

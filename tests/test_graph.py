@@ -1,0 +1,365 @@
+"""Graph tokenizer (GQT stage 1), node tokens with PPR neighbourhoods, graph transformer (stage 2)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+
+from torch_geometric.data import Data  # noqa: E402
+
+from tokenizers_q.models.graph_encoder import GNNEncoder  # noqa: E402
+from tokenizers_q.models.graph_transformer import GraphTransformer  # noqa: E402
+from tokenizers_q.models.ppr import ppr_topk  # noqa: E402
+from tokenizers_q.packing import TokenSpec, load_tokens, save_tokens  # noqa: E402
+from tokenizers_q.trainers.graph_data import (  # noqa: E402
+    GraphDataModule,
+    ba_house,
+    contextual_sbm,
+    edge_homophily,
+)
+from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule, load_graph_tokenizer  # noqa: E402
+from tokenizers_q.trainers.graph_transformer import GraphTransformerModule  # noqa: E402
+from tokenizers_q.trainers.node_tokens import NodeTokenDataModule, write_node_tokens  # noqa: E402
+
+SMALL_RVQ = {"num_quantizers": 2, "codebook_size": 16}
+
+
+def random_graph(n: int, degree: int, seed: int = 0, directed: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    src, dst = torch.randint(0, n, (2, n * degree // 2), generator=g)
+    edges = torch.stack([src, dst]) if directed else torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
+    return torch.unique(edges[:, edges[0] != edges[1]], dim=1)
+
+
+def dense_ppr(edge_index: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
+    adjacency = torch.zeros(n, n, dtype=torch.float64)
+    adjacency[edge_index[0], edge_index[1]] = 1.0
+    isolated = adjacency.sum(1) == 0
+    adjacency[isolated, isolated] = 1.0  # walkers stay on nodes without out-edges
+    walk = adjacency / adjacency.sum(1, keepdim=True)
+    return alpha * torch.linalg.inv(torch.eye(n, dtype=torch.float64) - (1 - alpha) * walk)
+
+
+# -- PPR ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("directed", [False, True])
+def test_ppr_exact_mode_matches_dense_reference(directed):
+    n, k = 50, 6
+    edges = random_graph(n, 4, directed=directed)
+    pi = dense_ppr(edges, n, 0.2)
+    index, score = ppr_topk(edges, n, k=k, alpha=0.2, width=n, num_iterations=300)
+    pi.fill_diagonal_(-1.0)
+    expected = pi.topk(k, dim=1).values.float()
+    found = index >= 0
+    assert torch.allclose(score[found], expected[found], atol=1e-5)  # the best scores, in order
+    chosen = torch.gather(pi, 1, index.clamp_min(0)).float()
+    assert torch.allclose(chosen[found], score[found], atol=1e-5)  # and they belong to the nodes returned
+    assert (expected[~found] <= 1e-12).all()  # padding only where fewer nodes are reachable
+
+
+def test_ppr_default_pruning_keeps_the_top_mass():
+    n, k = 600, 16
+    edges = random_graph(n, 10, seed=1)
+    pi = dense_ppr(edges, n, 0.15).fill_diagonal_(-1.0)
+    index, _ = ppr_topk(edges, n, k=k)
+    captured = torch.gather(pi, 1, index).sum() / pi.topk(k, dim=1).values.sum()
+    assert captured > 0.99
+
+
+def test_ppr_isolated_nodes_and_padding():
+    edges = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])  # path 0-1-2, node 3 isolated
+    index, score = ppr_topk(edges, 4, k=3)
+    assert index[3].tolist() == [-1, -1, -1] and score[3].tolist() == [0.0, 0.0, 0.0]
+    assert index[0, 0].item() == 1 and index[0, 1].item() == 2 and index[0, 2].item() == -1
+    assert (score[0, :2] > 0).all() and score[0, 0] > score[0, 1]
+    with_self, _ = ppr_topk(edges, 4, k=1, include_self=True)
+    assert with_self[:, 0].tolist() == [1, 1, 1, 3]  # node 0's only neighbour outranks node 0 itself
+
+
+def test_ppr_bad_input():
+    with pytest.raises(ValueError, match=r"node 5, outside \[0, 5\)"):
+        ppr_topk(torch.tensor([[0, 1], [1, 5]]), 5)
+    with pytest.raises(TypeError, match="integer tensor"):
+        ppr_topk(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 2)
+    with pytest.raises(ValueError, match=r"shape \(2, E\)"):
+        ppr_topk(torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        ppr_topk(torch.tensor([[0], [1]]), 2, k=0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ppr_topk(torch.tensor([[0], [1]]), 2, alpha=1.5)
+    with pytest.raises(ValueError, match="width must be an int of at least k"):
+        ppr_topk(torch.tensor([[0], [1]]), 2, k=4, width=3)
+
+
+# -- graphs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("homophily", [0.9, 0.2])
+def test_contextual_sbm_has_the_set_homophily_and_is_seeded(homophily):
+    graph = contextual_sbm(num_nodes=1000, num_classes=4, homophily=homophily, avg_degree=8, seed=3)
+    assert abs(edge_homophily(graph.edge_index, graph.y) - homophily) < 0.03
+    assert graph.is_undirected() and not graph.has_self_loops()
+    assert abs(graph.num_edges / graph.num_nodes - 8) < 0.5
+    again = contextual_sbm(num_nodes=1000, num_classes=4, homophily=homophily, avg_degree=8, seed=3)
+    other = contextual_sbm(num_nodes=1000, num_classes=4, homophily=homophily, avg_degree=8, seed=4)
+    assert torch.equal(graph.edge_index, again.edge_index) and torch.equal(graph.x, again.x)
+    assert not torch.equal(graph.x, other.x)
+    with pytest.raises(ValueError, match="homophily must be in"):
+        contextual_sbm(homophily=1.5)
+
+
+def test_ba_house_labels_come_from_structure_and_leave_the_rng_alone():
+    state = torch.get_rng_state()
+    graph = ba_house(num_base_nodes=60, num_motifs=10)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.bincount(graph.y).tolist() == [60, 20, 20, 10]
+    assert torch.equal(graph.x, torch.ones(110, 10))
+    assert torch.equal(ba_house(num_base_nodes=60, num_motifs=10).edge_index, graph.edge_index)
+
+
+def test_graph_data_module_errors_on_bad_graphs(tmp_path):
+    no_features = tmp_path / "no_x.pt"
+    torch.save(Data(edge_index=torch.tensor([[0, 1], [1, 0]]), num_nodes=2), no_features)
+    with pytest.raises(ValueError, match="no node features"):
+        GraphDataModule(graph=str(no_features)).setup()
+    out_of_range = tmp_path / "bad_edges.pt"
+    torch.save(Data(x=torch.randn(3, 4), edge_index=torch.tensor([[0, 1], [1, 7]])), out_of_range)
+    with pytest.raises(ValueError, match=r"node 7, outside \[0, 3\)"):
+        GraphDataModule(graph=str(out_of_range)).setup()
+    with pytest.raises(FileNotFoundError, match="no graph file"):
+        GraphDataModule(graph=str(tmp_path / "missing.pt")).setup()
+    with pytest.raises(ValueError, match="graph must be one of"):
+        GraphDataModule(graph="cora")
+
+
+def test_graph_data_module_keeps_a_users_masks(tmp_path):
+    graph = contextual_sbm(num_nodes=40, seed=0)
+    graph.train_mask = torch.arange(40) < 20
+    graph.val_mask = (torch.arange(40) >= 20) & (torch.arange(40) < 30)
+    graph.test_mask = torch.arange(40) >= 30
+    path = tmp_path / "g.pt"
+    torch.save(graph, path)
+    data = GraphDataModule(graph=str(path))
+    data.setup()
+    assert torch.equal(data.data.train_mask, graph.train_mask) and data.num_features == 32
+
+
+# -- GNN encoder and SSL losses -------------------------------------------------------------------
+@pytest.mark.parametrize("conv", ["gcn", "gat", "sage"])
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_gnn_encoder_passes_gradients(conv, norm):
+    graph = contextual_sbm(num_nodes=50, num_features=6, seed=0)
+    encoder = GNNEncoder(6, hidden_dim=16, out_dim=8, conv=conv, norm=norm)
+    x = graph.x.clone().requires_grad_(True)
+    out = encoder(x, graph.edge_index)
+    out.square().sum().backward()
+    assert out.shape == (50, 8) and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in encoder.parameters())
+
+
+def test_gnn_encoder_bad_input():
+    with pytest.raises(ValueError, match="conv must be one of"):
+        GNNEncoder(4, conv="gin")
+    with pytest.raises(ValueError, match="divisible by heads"):
+        GNNEncoder(4, hidden_dim=10, conv="gat", heads=4)
+    with pytest.raises(ValueError, match=r"expected node features \(N, 4\)"):
+        GNNEncoder(4)(torch.randn(3, 5), torch.tensor([[0], [1]]))
+
+
+@pytest.mark.parametrize("loss", ["mae", "dgi", "latent"])
+def test_each_ssl_loss_decreases(loss):
+    torch.manual_seed(0)
+    graph = contextual_sbm(num_nodes=200, num_features=16, homophily=0.8, feature_noise=1.0, seed=0)
+    weights = {name: float(name == loss) for name in ("mae", "dgi", "latent")}
+    module = GraphTokenizerModule(
+        in_dim=16,
+        hidden_dim=32,
+        latent_dim=16,
+        quantizer_kwargs=SMALL_RVQ,
+        mae_weight=weights["mae"],
+        dgi_weight=weights["dgi"],
+        latent_weight=weights["latent"],
+    )
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    history = []
+    for _ in range(40):
+        losses, _ = module._losses(graph)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        if module.bgrl is not None:
+            module.bgrl.update_teacher(module.encoder)
+        history.append(losses[loss].item())
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5, history
+
+
+def test_tokenizer_bad_settings():
+    with pytest.raises(ValueError, match="at least one self-supervised loss"):
+        GraphTokenizerModule(in_dim=4, mae_weight=0, dgi_weight=0, latent_weight=0)
+    with pytest.raises(ValueError, match="loss weights must be >= 0"):
+        GraphTokenizerModule(in_dim=4, dgi_weight=-1)
+    with pytest.raises(ValueError, match="reads 4 node features, the graph has 32"):
+        GraphTokenizerModule(in_dim=4, quantizer_kwargs=SMALL_RVQ).encode(contextual_sbm(num_nodes=20))
+
+
+def test_node_tokens_are_stable_and_survive_a_checkpoint(tmp_path):
+    import lightning as L
+
+    graph = contextual_sbm(num_nodes=120, num_features=8, seed=0)
+    data = GraphDataModule(num_nodes=120, num_features=8)
+    module = GraphTokenizerModule(hidden_dim=16, latent_dim=8, quantizer="vq", quantizer_kwargs={"codebook_size": 32})
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(module, data)
+    module.train()  # encode runs in eval whatever the mode; nothing changes state
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    codes = module.encode(graph)
+    assert torch.equal(codes, module.encode(graph)) and module.training
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    trainer.save_checkpoint(tmp_path / "tok.ckpt")
+    assert torch.equal(load_graph_tokenizer(tmp_path / "tok.ckpt").encode(graph), codes)
+    assert codes.shape == (120, 1) and module.code_statistics(graph)["usage"][0] > 0
+
+
+# -- graph transformer ------------------------------------------------------------------------------
+def test_graph_transformer_ignores_padding_and_learns_from_tokens():
+    torch.manual_seed(0)
+    model = GraphTransformer([8, 8], num_classes=2, num_neighbours=3, dim=32, depth=1, heads=2, dropout=0.0).eval()
+    codes = torch.randint(0, 8, (5, 4, 2))
+    scores = torch.rand(5, 4)
+    valid = torch.tensor([[True, True, False, False]] * 5)
+    changed = codes.clone()
+    changed[:, 2:] = (changed[:, 2:] + 3) % 8  # only padded positions differ
+    assert torch.allclose(model(codes, scores, valid), model(changed, scores, valid), atol=1e-6)
+    changed = codes.clone()
+    changed[:, 1] = (changed[:, 1] + 3) % 8  # a real neighbour differs
+    assert not torch.allclose(model(codes, scores, valid), model(changed, scores, valid), atol=1e-4)
+    # the label is the first code of the node itself: the model must learn to read its tokens
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    codes = torch.randint(0, 8, (256, 4, 2))
+    labels = (codes[:, 0, 0] < 4).long()
+    valid = torch.ones(256, 4, dtype=torch.bool)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(codes, torch.rand(256, 4), valid), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2
+
+
+def test_graph_transformer_bad_input_and_codebook_init():
+    model = GraphTransformer([8, 4], num_classes=3, num_neighbours=2, dim=16, depth=1, heads=2, gating=False)
+    with pytest.raises(ValueError, match=r"expected codes \(B, 3, 2\)"):
+        model(torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scores .* must both be"):
+        model(torch.zeros(2, 3, 2, dtype=torch.long), torch.ones(2, 4), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="codebook_sizes must be positive ints"):
+        GraphTransformer([], num_classes=2, num_neighbours=1)
+    vectors = [torch.randn(8, 5), torch.randn(4, 5)]
+    model.init_embeddings_from(vectors)
+    distances = torch.cdist(model.embed[0].weight, model.embed[0].weight)
+    expected = torch.cdist(vectors[0], vectors[0])
+    assert torch.corrcoef(torch.stack([distances.flatten(), expected.flatten()]))[0, 1] > 0.5
+
+
+# -- the two stages through the CLI -----------------------------------------------------------------
+def _write_config(path, config):
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _trainer(out, name, **kwargs):
+    return {
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(out), "name": name}},
+        "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}}]
+        + ([{"class_path": "tokenizers_q.trainers.CodebookUsagePlot"}] if name == "tok" else []),
+        **kwargs,
+    }
+
+
+def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
+    from tokenizers_q.trainers.cli import main as tokq
+
+    graph = {"graph": "csbm", "num_nodes": 300, "num_features": 8, "homophily": 0.9, "feature_noise": 1.0}
+    tokenizer = {
+        "seed_everything": 0,
+        "trainer": _trainer(tmp_path, "tok", max_steps=30, check_val_every_n_epoch=10),
+        "model": {
+            "class_path": "tokenizers_q.trainers.GraphTokenizerModule",
+            "init_args": {
+                "hidden_dim": 32,
+                "latent_dim": 16,
+                "quantizer_kwargs": {"num_quantizers": 2, "codebook_size": 16},
+            },
+        },
+        "data": {"class_path": "tokenizers_q.trainers.GraphDataModule", "init_args": {**graph, "ppr_k": 4}},
+    }
+    tokq(["fit", "--config", _write_config(tmp_path / "tok.json", tokenizer)])
+    ckpt = tmp_path / "tok" / "version_0" / "checkpoints" / "last.ckpt"
+    assert (tmp_path / "tok" / "version_0" / "codebook_usage" / "latest.png").is_file()
+
+    tokens_path = tmp_path / "nodes.safetensors"
+    tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--ppr-k", "5"])
+    tokens = load_tokens(tokens_path)
+    assert tokens.codes.shape == (300, 2) and tokens.spec == TokenSpec((16, 16))
+    assert tokens.extras["ppr_index"].shape == (300, 5) and tokens.metadata["num_classes"] == 4
+    assert tokens.metadata["code_bits"] == 8 and tokens.metadata["checkpoint"] == str(ckpt.resolve())
+
+    tokq(["inspect", "--tokens", str(tokens_path), "--plot", str(tmp_path / "usage.png")])
+    assert "| 1 | 16 | 4 |" in capsys.readouterr().out and (tmp_path / "usage.png").is_file()
+
+    with pytest.raises(ValueError, match="node tokens, which decode to no image"):
+        tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(ckpt), "--output", str(tmp_path / "x.png")])
+
+    transformer = {
+        "seed_everything": 0,
+        "trainer": _trainer(tmp_path, "gt", max_epochs=6),
+        "model": {
+            "class_path": "tokenizers_q.trainers.GraphTransformerModule",
+            "init_args": {
+                "dim": 32,
+                "depth": 1,
+                "heads": 2,
+                "lr": 0.003,
+                "warmup_steps": 2,
+                "init_from_codebook": True,
+            },
+        },
+        "data": {"class_path": "tokenizers_q.trainers.NodeTokenDataModule", "init_args": {"tokens": str(tokens_path)}},
+    }
+    config = _write_config(tmp_path / "gt.json", transformer)
+    tokq(["fit", "--config", config])
+    gt_ckpt = tmp_path / "gt" / "version_0" / "checkpoints" / "last.ckpt"
+    model = GraphTransformerModule.load_from_checkpoint(gt_ckpt, weights_only=False).eval()
+    data = NodeTokenDataModule(str(tokens_path), batch_size=300)
+    codes, scores, valid, labels = next(iter(data.dataloader("test")))
+    with torch.no_grad():
+        accuracy = (model(codes, scores, valid).argmax(-1) == labels).float().mean()
+    assert accuracy > 0.6  # 4 classes, homophily 0.9: tokens and neighbourhoods carry the class
+
+
+def test_mismatched_token_files_are_refused(tmp_path):
+    import lightning as L
+
+    graph = contextual_sbm(num_nodes=60, num_features=4, seed=0)
+    data = GraphDataModule(num_nodes=60, num_features=4)
+    data.setup()
+    tokenizer = GraphTokenizerModule(in_dim=4, hidden_dim=8, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    path = write_node_tokens(tokenizer, data.data, tmp_path / "nodes.safetensors", ppr_k=3)
+    model = GraphTransformerModule(spec=TokenSpec((32, 32)).to_dict(), num_classes=4, num_neighbours=3, dim=16)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"node tokens hold .*16.* this model was built for .*32"):
+        trainer.fit(model, NodeTokenDataModule(str(path)))
+
+    image_tokens = save_tokens(
+        tmp_path / "images.safetensors", torch.zeros(2, 4, 4, 1, dtype=torch.long), TokenSpec((8,))
+    )
+    with pytest.raises(ValueError, match="not a node token file"):
+        NodeTokenDataModule(str(image_tokens)).setup()
+    with pytest.raises(ValueError, match="not a node token file"):
+        GraphTransformerModule(token_file=str(image_tokens))
+    with pytest.raises(ValueError, match="node labels data.y"):
+        write_node_tokens(tokenizer, Data(x=graph.x, edge_index=graph.edge_index), tmp_path / "x.safetensors")

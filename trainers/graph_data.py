@@ -1,0 +1,210 @@
+"""Graphs for tokenizers: any PyG ``Data``, a generated contextual SBM, or the BA-house graph.
+
+Node classification data sets are one graph with train / val / test node masks.
+Every loader yields the whole graph (full-batch training); the masks say which
+nodes a split scores.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch_geometric.data import Data
+from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
+
+from tokenizers_q.models.ppr import check_edge_index
+from tokenizers_q.trainers.data import SPLITS
+
+GRAPHS = ("csbm", "ba_house")
+
+
+def contextual_sbm(
+    num_nodes: int = 4000,
+    num_classes: int = 4,
+    homophily: float = 0.5,
+    avg_degree: float = 10.0,
+    num_features: int = 32,
+    feature_noise: float = 4.0,
+    seed: int = 0,
+) -> Data:
+    r"""A contextual stochastic block model with a set edge homophily.
+
+    Balanced classes; each edge joins a uniformly drawn node to a node of its own
+    class with probability ``homophily``, else to a node of another class; the
+    graph is undirected without self-loops or duplicates. Features are the class
+    mean (entries ~ N(0, 1)) plus Gaussian noise of standard deviation ``feature_noise``.
+    Sampling edges directly scales to millions of nodes (PyG's
+    ``stochastic_blockmodel_graph`` builds an N x N probability matrix).
+
+    Shapes:
+        - x: (N, num_features) float32; edge_index: (2, E) int64; y: (N,) int64
+    """
+    if num_nodes < num_classes or num_classes < 2:
+        raise ValueError(f"need num_classes >= 2 and num_nodes >= num_classes, got {num_nodes} and {num_classes}")
+    if not 0.0 <= homophily <= 1.0:
+        raise ValueError(f"homophily must be in [0, 1], got {homophily}")
+    if avg_degree <= 0 or feature_noise < 0:
+        raise ValueError(f"avg_degree must be > 0 and feature_noise >= 0, got {avg_degree} and {feature_noise}")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randperm(num_nodes, generator=g) % num_classes
+    members = torch.argsort(y, stable=True)  # nodes grouped by class
+    sizes = torch.bincount(y, minlength=num_classes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    num_edges = round(num_nodes * avg_degree / 2)
+    src = torch.randint(0, num_nodes, (num_edges,), generator=g)
+    same = torch.rand(num_edges, generator=g) < homophily
+    shift = torch.randint(1, num_classes, (num_edges,), generator=g)
+    target_class = torch.where(same, y[src], (y[src] + shift) % num_classes)
+    offset = (torch.rand(num_edges, generator=g) * sizes[target_class]).long()
+    dst = members[starts[target_class] + offset]
+    edge_index, _ = remove_self_loops(torch.stack([src, dst]))
+    edge_index = coalesce(to_undirected(edge_index, num_nodes=num_nodes), num_nodes=num_nodes)
+    means = torch.randn(num_classes, num_features, generator=g)
+    x = means[y] + feature_noise * torch.randn(num_nodes, num_features, generator=g)
+    return Data(x=x, edge_index=edge_index, y=y)
+
+
+def ba_house(num_base_nodes: int = 300, num_motifs: int = 80, num_features: int = 10, seed: int = 0) -> Data:
+    """PyG's BA-shapes graph: a Barabási-Albert base with "house" motifs attached; labels come from
+    structure only (0: base, 1-3: house positions); features are constant ones."""
+    from torch_geometric.datasets import ExplainerDataset
+    from torch_geometric.datasets.graph_generator import BAGraph
+
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)  # PyG draws from all three
+    try:
+        data = ExplainerDataset(BAGraph(num_base_nodes, 5), "house", num_motifs=num_motifs)[0]
+    finally:
+        torch.set_rng_state(states[0]), np.random.set_state(states[1]), random.setstate(states[2])
+    return Data(x=torch.ones(data.num_nodes, num_features), edge_index=data.edge_index, y=data.y)
+
+
+def edge_homophily(edge_index: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of edges joining nodes of the same class."""
+    return (y[edge_index[0]] == y[edge_index[1]]).float().mean().item()
+
+
+def check_graph(data: Data, need_labels: bool = False) -> Data:
+    """Raise a clear error unless ``data`` is a node-feature graph the tokenizers can use."""
+    if not isinstance(data, Data):
+        raise TypeError(f"expected a torch_geometric.data.Data graph, got {type(data).__name__}")
+    if data.x is None:
+        raise ValueError("the graph has no node features (data.x is None): add features, e.g. constant ones")
+    if data.x.dim() != 2 or not data.x.dtype.is_floating_point:
+        raise ValueError(f"data.x must be float node features (N, F), got {data.x.dtype} of {tuple(data.x.shape)}")
+    if data.edge_index is None:
+        raise ValueError("the graph has no edges (data.edge_index is None)")
+    check_edge_index(data.edge_index, data.x.shape[0])
+    if need_labels and (data.y is None or data.y.shape[:1] != data.x.shape[:1]):
+        got = None if data.y is None else tuple(data.y.shape)
+        raise ValueError(f"node labels data.y of shape ({data.x.shape[0]},) are needed, got {got}")
+    return data
+
+
+def split_masks(num_nodes: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """Random disjoint boolean node masks ``{"train", "val", "test"}`` of the given shares."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
+    order = torch.randperm(num_nodes, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = round(val_fraction * num_nodes), round(test_fraction * num_nodes)
+    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    masks = {}
+    for split, nodes in parts.items():
+        masks[split] = torch.zeros(num_nodes, dtype=torch.bool)
+        masks[split][nodes] = True
+    return masks
+
+
+class GraphDataModule(L.LightningDataModule):
+    r"""One graph for node-level tokenizers, trained full-batch.
+
+    Args:
+        graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), or the path of a
+            ``torch.save``-d PyG ``Data`` (a user's own graph, or a PyG data set's ``dataset[0]``).
+        num_nodes, num_classes, homophily, avg_degree, num_features, feature_noise: contextual SBM settings
+            (see :func:`contextual_sbm`).
+        val_fraction, test_fraction: node shares of the validation and test masks, used when the graph
+            has no ``train_mask`` / ``val_mask`` / ``test_mask`` of its own. Default: 0.2 and 0.2.
+        ppr_k: personalised-PageRank neighbours per node stored with the node tokens. Default: 16.
+        ppr_alpha: PPR restart probability. Default: 0.15.
+        seed: seed of the generated graph and of the split. Default: 0.
+    """
+
+    def __init__(
+        self,
+        graph: str = "csbm",
+        num_nodes: int = 4000,
+        num_classes: int = 4,
+        homophily: float = 0.5,
+        avg_degree: float = 10.0,
+        num_features: int = 32,
+        feature_noise: float = 4.0,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        ppr_k: int = 16,
+        ppr_alpha: float = 0.15,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if graph not in GRAPHS and not str(graph).endswith((".pt", ".pth")):
+            raise ValueError(f"graph must be one of {GRAPHS} or a .pt file of a PyG Data, got {graph!r}")
+        self.save_hyperparameters()
+        self.data: Data | None = None
+
+    def _load(self) -> Data:
+        hp = self.hparams
+        if hp.graph == "csbm":
+            keys = ("num_nodes", "num_classes", "homophily", "avg_degree", "num_features", "feature_noise", "seed")
+            return contextual_sbm(**{k: hp[k] for k in keys})
+        if hp.graph == "ba_house":
+            return ba_house(seed=hp.seed)
+        path = Path(hp.graph)
+        if not path.is_file():
+            raise FileNotFoundError(f"no graph file at {path}")
+        data = torch.load(path, weights_only=False)
+        if isinstance(data, dict):
+            data = Data(**data)
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data = check_graph(self._load())
+        if any(getattr(data, f"{s}_mask", None) is None for s in SPLITS):
+            masks = split_masks(
+                data.num_nodes, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
+            )
+            for split, mask in masks.items():
+                data[f"{split}_mask"] = mask
+        self.data = data
+
+    @property
+    def num_features(self) -> int:
+        self.setup()
+        return self.data.x.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return int(self.data.y.max()) + 1 if self.data.y is not None else 0
+
+    def dataloader(self, split: str = "train") -> DataLoader:
+        """A loader yielding the whole graph once; ``split`` only names the mask a step scores."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        return DataLoader([self.data], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")

@@ -1,0 +1,142 @@
+"""Lightning module training the graph transformer on node tokens (GQT stage 2)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from tokenizers_q.models.graph_transformer import GraphTransformer
+from tokenizers_q.packing import TokenSpec, load_tokens
+from tokenizers_q.trainers.autoencoder import warmup_cosine
+from tokenizers_q.trainers.node_tokens import check_node_tokens
+from tokenizers_q.trainers.token_module import code_vectors
+
+
+class GraphTransformerModule(L.LightningModule):
+    r"""Node classification from node tokens and PPR neighbourhoods.
+
+    The layout (TokenSpec, classes, neighbours, tokenizer checkpoint) is read from
+    ``token_file`` when given, else from the :class:`NodeTokenDataModule` in
+    ``configure_model``; it is stored in the hyper-parameters so checkpoints rebuild the model.
+
+    Args:
+        token_file: a node token file to read the layout from.
+        spec, num_classes, num_neighbours: the layout given directly instead.
+        tokenizer: graph tokenizer checkpoint (for ``init_from_codebook``); default: the token file's.
+        dim, depth, heads, mlp_ratio, dropout, gating: see :class:`~tokenizers_q.models.GraphTransformer`.
+        init_from_codebook: start code embeddings from the tokenizer's codebooks. Default: False.
+        label_smoothing: of the cross-entropy. Default: 0.
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up and cosine decay.
+            Defaults: 1e-3, 0.05, 50, 0.05.
+    """
+
+    def __init__(
+        self,
+        token_file: str | None = None,
+        spec: dict | None = None,
+        num_classes: int | None = None,
+        num_neighbours: int | None = None,
+        tokenizer: str | None = None,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.1,
+        gating: bool = True,
+        init_from_codebook: bool = False,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.05,
+    ):
+        super().__init__()
+        if token_file is not None and (spec is None or num_classes is None or num_neighbours is None):
+            tokens = load_tokens(token_file)
+            check_node_tokens(tokens, token_file)
+            spec, num_classes = spec or tokens.spec.to_dict(), num_classes or tokens.metadata["num_classes"]
+            num_neighbours = num_neighbours if num_neighbours is not None else tokens.metadata["ppr_k"]
+            tokenizer = tokenizer or tokens.metadata.get("checkpoint")
+        self.save_hyperparameters()
+        self.model: GraphTransformer | None = None
+        if spec is not None and num_classes is not None and num_neighbours is not None:
+            self._build(spec, num_classes, num_neighbours, tokenizer)
+
+    def _build(self, spec, num_classes: int, num_neighbours: int, tokenizer: str | None) -> None:
+        hp = self.hparams
+        spec = spec if isinstance(spec, TokenSpec) else TokenSpec.from_dict(spec)
+        hp.update(spec=spec.to_dict(), num_classes=num_classes, num_neighbours=num_neighbours, tokenizer=tokenizer)
+        self.model = GraphTransformer(
+            list(spec.codebook_sizes),
+            num_classes,
+            num_neighbours,
+            hp.dim,
+            hp.depth,
+            hp.heads,
+            hp.mlp_ratio,
+            hp.dropout,
+            hp.gating,
+        )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is None or not hasattr(data, "num_neighbours"):
+            raise ValueError("the token layout is unknown: give token_file, or train with a NodeTokenDataModule")
+        data.setup()
+        tokenizer = self.hparams.tokenizer or data.metadata.get("checkpoint")
+        self._build(data.spec, data.num_classes, data.num_neighbours, tokenizer)
+
+    def forward(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) of node sequences (see :class:`GraphTransformer`)."""
+        return self.model(codes, scores, valid)
+
+    def _check_data(self) -> None:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        spec = getattr(data, "spec", None)
+        if spec is not None and spec.to_dict() != self.hparams.spec:
+            raise ValueError(
+                f"the node tokens hold {spec} codes, this model was built for {TokenSpec.from_dict(self.hparams.spec)}"
+            )
+
+    def on_fit_start(self) -> None:
+        self._check_data()
+        if self.hparams.init_from_codebook and self.trainer.ckpt_path is None:
+            from tokenizers_q.trainers.graph_tokenizer import load_graph_tokenizer
+
+            if self.hparams.tokenizer is None:
+                raise ValueError("init_from_codebook needs the tokenizer checkpoint (tokenizer=...)")
+            vectors = code_vectors(load_graph_tokenizer(self.hparams.tokenizer).quantizer)
+            self.model.init_embeddings_from([v.to(self.device) for v in vectors])
+
+    def _step(self, batch, stage: str):
+        codes, scores, valid, labels = batch
+        logits = self(codes, scores, valid)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=stage != "train", batch_size=len(labels))
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=stage != "train", batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for p in self.parameters() if not any(p is q for q in decay)]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return [opt], [{"scheduler": scheduler, "interval": "step"}]
