@@ -54,13 +54,25 @@ class MaskedFeatureReconstruction(nn.Module):
         conv: decoder layer type (see :func:`~tokenizers_q.models.graph_encoder.graph_conv`). Default: ``"gat"``.
         mask_rate: share of nodes masked per step. Default: 0.5.
         gamma: exponent of the scaled cosine error. Default: 2.
+        visible_weight: weight of reconstructing the visible nodes' own features too (0: GraphMAE as
+            published). Tokens then keep each node's own features, which heterophilous graphs need. Default: 1.
     """
 
-    def __init__(self, in_dim: int, latent_dim: int, conv: str = "gat", mask_rate: float = 0.5, gamma: float = 2.0):
+    def __init__(
+        self,
+        in_dim: int,
+        latent_dim: int,
+        conv: str = "gat",
+        mask_rate: float = 0.5,
+        gamma: float = 2.0,
+        visible_weight: float = 1.0,
+    ):
         super().__init__()
         if not 0.0 < mask_rate < 1.0:
             raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
-        self.mask_rate, self.gamma = mask_rate, gamma
+        if visible_weight < 0:
+            raise ValueError(f"visible_weight must be >= 0, got {visible_weight}")
+        self.mask_rate, self.gamma, self.visible_weight = mask_rate, gamma, visible_weight
         self.mask_token = nn.Parameter(torch.zeros(in_dim))
         self.remask_token = nn.Parameter(torch.zeros(latent_dim))
         self.decoder = graph_conv(conv, latent_dim, in_dim, heads=1)
@@ -71,9 +83,14 @@ class MaskedFeatureReconstruction(nn.Module):
         return torch.where(mask[:, None], self.mask_token.to(x.dtype), x), mask
 
     def loss(self, latent: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor, mask: torch.Tensor):
-        """Reconstruction error of the masked nodes' features from the latents of the masked graph."""
+        """Reconstruction error of the masked nodes' features from the latents of the masked graph,
+        plus ``visible_weight`` times that of the visible nodes (from their own latents)."""
         latent = torch.where(mask[:, None], self.remask_token.to(latent.dtype), latent)
-        return scaled_cosine_error(self.decoder(latent, edge_index)[mask], x[mask], self.gamma)
+        reconstruction = self.decoder(latent, edge_index)
+        loss = scaled_cosine_error(reconstruction[mask], x[mask], self.gamma)
+        if self.visible_weight > 0 and not mask.all():
+            loss = loss + self.visible_weight * scaled_cosine_error(reconstruction[~mask], x[~mask], self.gamma)
+        return loss
 
 
 class DeepGraphInfomax(nn.Module):

@@ -1,7 +1,5 @@
 """Graph tokenizer (GQT stage 1), node tokens with PPR neighbourhoods, graph transformer (stage 2)."""
 
-import json
-
 import pytest
 import torch
 
@@ -141,6 +139,11 @@ def test_graph_data_module_keeps_a_users_masks(tmp_path):
     data = GraphDataModule(graph=str(path))
     data.setup()
     assert torch.equal(data.data.train_mask, graph.train_mask) and data.num_features == 32
+    in_memory = GraphDataModule(graph=graph)
+    in_memory.setup()
+    assert torch.equal(in_memory.data.x, graph.x) and in_memory.hparams.graph == "<in-memory Data>"
+    with pytest.raises(ValueError, match="checkpoints do not keep: give graph="):
+        GraphDataModule(**{k: v for k, v in in_memory.hparams.items()}).setup()
 
 
 # -- GNN encoder and SSL losses -------------------------------------------------------------------
@@ -263,43 +266,29 @@ def test_graph_transformer_bad_input_and_codebook_init():
     assert torch.corrcoef(torch.stack([distances.flatten(), expected.flatten()]))[0, 1] > 0.5
 
 
-# -- the two stages through the CLI -----------------------------------------------------------------
-def _write_config(path, config):
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
-def _trainer(out, name, **kwargs):
-    return {
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(out), "name": name}},
-        "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}}]
-        + ([{"class_path": "tokenizers_q.trainers.CodebookUsagePlot"}] if name == "tok" else []),
-        **kwargs,
-    }
+# -- the two stages through the CLI, with the shipped configs -------------------------------------
+def _quiet(out) -> list[str]:
+    return [
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.default_root_dir={out}",
+    ]
 
 
 def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
     from tokenizers_q.trainers.cli import main as tokq
 
-    graph = {"graph": "csbm", "num_nodes": 300, "num_features": 8, "homophily": 0.9, "feature_noise": 1.0}
-    tokenizer = {
-        "seed_everything": 0,
-        "trainer": _trainer(tmp_path, "tok", max_steps=30, check_val_every_n_epoch=10),
-        "model": {
-            "class_path": "tokenizers_q.trainers.GraphTokenizerModule",
-            "init_args": {
-                "hidden_dim": 32,
-                "latent_dim": 16,
-                "quantizer_kwargs": {"num_quantizers": 2, "codebook_size": 16},
-            },
-        },
-        "data": {"class_path": "tokenizers_q.trainers.GraphDataModule", "init_args": {**graph, "ppr_k": 4}},
-    }
-    tokq(["fit", "--config", _write_config(tmp_path / "tok.json", tokenizer)])
-    ckpt = tmp_path / "tok" / "version_0" / "checkpoints" / "last.ckpt"
-    assert (tmp_path / "tok" / "version_0" / "codebook_usage" / "latest.png").is_file()
+    tokq(
+        ["fit", "--config", "configs/graph/tokenizer.yaml", *_quiet(tmp_path)]
+        + ["--trainer.max_steps=30", "--trainer.check_val_every_n_epoch=10"]
+        + ["--data.init_args.num_nodes=300", "--data.init_args.num_features=8", "--data.init_args.homophily=0.9"]
+        + ["--data.init_args.feature_noise=1.0", "--model.init_args.hidden_dim=32", "--model.init_args.latent_dim=16"]
+        + ["--model.init_args.quantizer_kwargs={num_quantizers: 2, codebook_size: 16}"]
+    )
+    run = tmp_path / "graph-tokenizer" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert (run / "codebook_usage" / "latest.png").is_file()
 
     tokens_path = tmp_path / "nodes.safetensors"
     tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--ppr-k", "5"])
@@ -310,29 +299,16 @@ def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
 
     tokq(["inspect", "--tokens", str(tokens_path), "--plot", str(tmp_path / "usage.png")])
     assert "| 1 | 16 | 4 |" in capsys.readouterr().out and (tmp_path / "usage.png").is_file()
-
     with pytest.raises(ValueError, match="node tokens, which decode to no image"):
         tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(ckpt), "--output", str(tmp_path / "x.png")])
 
-    transformer = {
-        "seed_everything": 0,
-        "trainer": _trainer(tmp_path, "gt", max_epochs=6),
-        "model": {
-            "class_path": "tokenizers_q.trainers.GraphTransformerModule",
-            "init_args": {
-                "dim": 32,
-                "depth": 1,
-                "heads": 2,
-                "lr": 0.003,
-                "warmup_steps": 2,
-                "init_from_codebook": True,
-            },
-        },
-        "data": {"class_path": "tokenizers_q.trainers.NodeTokenDataModule", "init_args": {"tokens": str(tokens_path)}},
-    }
-    config = _write_config(tmp_path / "gt.json", transformer)
-    tokq(["fit", "--config", config])
-    gt_ckpt = tmp_path / "gt" / "version_0" / "checkpoints" / "last.ckpt"
+    tokq(
+        ["fit", "--config", "configs/graph/transformer.yaml", *_quiet(tmp_path)]
+        + [f"--data.init_args.tokens={tokens_path}", "--trainer.max_epochs=6", "--model.init_args.dim=32"]
+        + ["--model.init_args.depth=1", "--model.init_args.lr=0.003", "--model.init_args.warmup_steps=2"]
+        + ["--model.init_args.init_from_codebook=true"]
+    )
+    gt_ckpt = tmp_path / "graph-transformer" / "version_0" / "checkpoints" / "last.ckpt"
     model = GraphTransformerModule.load_from_checkpoint(gt_ckpt, weights_only=False).eval()
     data = NodeTokenDataModule(str(tokens_path), batch_size=300)
     codes, scores, valid, labels = next(iter(data.dataloader("test")))

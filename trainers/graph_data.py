@@ -21,6 +21,7 @@ from tokenizers_q.models.ppr import check_edge_index
 from tokenizers_q.trainers.data import SPLITS
 
 GRAPHS = ("csbm", "ba_house")
+IN_MEMORY = "<in-memory Data>"  # what the hyper-parameters record for a Data given directly
 
 
 def contextual_sbm(
@@ -124,8 +125,9 @@ class GraphDataModule(L.LightningDataModule):
     r"""One graph for node-level tokenizers, trained full-batch.
 
     Args:
-        graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), or the path of a
-            ``torch.save``-d PyG ``Data`` (a user's own graph, or a PyG data set's ``dataset[0]``).
+        graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), the path of a
+            ``torch.save``-d PyG ``Data`` (a user's own graph, or a PyG data set's ``dataset[0]``), or a
+            ``Data`` itself (from Python; checkpoints then record no graph and ``tokq encode`` needs ``--graph``).
         num_nodes, num_classes, homophily, avg_degree, num_features, feature_noise: contextual SBM settings
             (see :func:`contextual_sbm`).
         val_fraction, test_fraction: node shares of the validation and test masks, used when the graph
@@ -137,7 +139,7 @@ class GraphDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        graph: str = "csbm",
+        graph: str | Data = "csbm",
         num_nodes: int = 4000,
         num_classes: int = 4,
         homophily: float = 0.5,
@@ -151,9 +153,12 @@ class GraphDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if graph not in GRAPHS and not str(graph).endswith((".pt", ".pth")):
-            raise ValueError(f"graph must be one of {GRAPHS} or a .pt file of a PyG Data, got {graph!r}")
-        self.save_hyperparameters()
+        self.given = graph if isinstance(graph, Data) else None
+        known = graph in (*GRAPHS, IN_MEMORY) or str(graph).endswith((".pt", ".pth"))
+        if self.given is None and not known:
+            raise ValueError(f"graph must be one of {GRAPHS}, a .pt file of a PyG Data, or a Data, got {graph!r}")
+        self.save_hyperparameters(ignore=["graph"])
+        self.hparams.graph = IN_MEMORY if self.given is not None else graph
         self.data: Data | None = None
 
     def _load(self) -> Data:
@@ -163,6 +168,13 @@ class GraphDataModule(L.LightningDataModule):
             return contextual_sbm(**{k: hp[k] for k in keys})
         if hp.graph == "ba_house":
             return ba_house(seed=hp.seed)
+        if hp.graph == IN_MEMORY:
+            if self.given is None:
+                raise ValueError(
+                    "this data module held a graph in memory, which checkpoints do not keep: give graph= "
+                    "(tokq encode --graph my_graph.pt)"
+                )
+            return self.given.clone()
         path = Path(hp.graph)
         if not path.is_file():
             raise FileNotFoundError(f"no graph file at {path}")

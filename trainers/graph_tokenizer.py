@@ -30,12 +30,14 @@ class GraphTokenizerModule(L.LightningModule):
     Args:
         in_dim: node feature size; default: read from the data module.
         hidden_dim, num_layers, conv, heads, norm, residual, dropout: the
-            :class:`~tokenizers_q.models.GNNEncoder`. Defaults: 128, 2, ``"gcn"``, 4, ``"batch"``, True, 0.1.
+            :class:`~tokenizers_q.models.GNNEncoder`. Defaults: 128, 2, ``"sage"``, 4, ``"batch"``, True, 0.1.
         latent_dim: size of the quantized latents. Default: 64.
         quantizer: registered quantizer name. Default: ``"rvq"``.
         quantizer_kwargs: its arguments. Default: 3 levels of 256 codes (24 bits per node).
         mae_weight, dgi_weight, latent_weight, quantizer_weight: loss weights. Default: 1 each.
         mask_rate: share of nodes masked for reconstruction. Default: 0.5.
+        visible_weight: weight of reconstructing the unmasked nodes' own features (0: GraphMAE as published).
+            Default: 1.
         ema_decay: BGRL teacher decay. Default: 0.99.
         feature_drop, edge_drop: BGRL view augmentations. Default: 0.2 each.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up and cosine decay.
@@ -51,7 +53,7 @@ class GraphTokenizerModule(L.LightningModule):
         in_dim: int | None = None,
         hidden_dim: int = 128,
         num_layers: int = 2,
-        conv: str = "gcn",
+        conv: str = "sage",
         heads: int = 4,
         norm: str = "batch",
         residual: bool = True,
@@ -64,6 +66,7 @@ class GraphTokenizerModule(L.LightningModule):
         latent_weight: float = 1.0,
         quantizer_weight: float = 1.0,
         mask_rate: float = 0.5,
+        visible_weight: float = 1.0,
         ema_decay: float = 0.99,
         feature_drop: float = 0.2,
         edge_drop: float = 0.2,
@@ -92,7 +95,11 @@ class GraphTokenizerModule(L.LightningModule):
         self.encoder = GNNEncoder(
             in_dim, hp.hidden_dim, hp.latent_dim, hp.num_layers, hp.conv, hp.heads, hp.norm, hp.residual, hp.dropout
         )
-        self.mae = MaskedFeatureReconstruction(in_dim, hp.latent_dim, mask_rate=hp.mask_rate) if hp.mae_weight else None
+        self.mae = None
+        if hp.mae_weight:
+            self.mae = MaskedFeatureReconstruction(
+                in_dim, hp.latent_dim, mask_rate=hp.mask_rate, visible_weight=hp.visible_weight
+            )
         self.dgi = DeepGraphInfomax(hp.latent_dim) if hp.dgi_weight else None
         self.bgrl = None
         if hp.latent_weight:
