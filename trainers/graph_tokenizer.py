@@ -157,7 +157,7 @@ class GraphTokenizerModule(L.LightningModule):
             losses["dgi"] = self.dgi.loss(out.quantized, negative)
         if self.mae is not None or self.bgrl is not None:
             masked_x, mask = self.mae.mask(x) if self.mae is not None else (x, None)
-            view_x, view_edges = self.bgrl.view(masked_x, edge_index) if self.bgrl is not None else (x, edge_index)
+            view_x, view_edges = (masked_x, edge_index) if self.bgrl is None else self.bgrl.view(masked_x, edge_index)
             online = self.quantizer(self.encoder(view_x, view_edges))
             losses["quantizer"] = losses["quantizer"] + online.loss
             if self.mae is not None:

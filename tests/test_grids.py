@@ -1,0 +1,66 @@
+"""Integer grids: the scalar core of KV-cache and weight quantization."""
+
+import pytest
+import torch
+
+from tokenizers_q.grids import dequantize_grid, grid_bits_per_element, quantize_grid
+
+
+@pytest.mark.parametrize("bits, symmetric", [(b, False) for b in (1, 2, 3, 4, 8)] + [(b, True) for b in (2, 3, 4, 8)])
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric):
+    x = torch.randn(3, 8, 32)
+    codes = quantize_grid(x, bits, axis=-1, group_size=8, symmetric=symmetric)
+    assert codes.levels.shape == x.shape and codes.levels.dtype == torch.uint8
+    assert int(codes.levels.max()) < 2**bits and codes.scale.shape == (3, 8, 4)
+    error = (dequantize_grid(codes) - x).abs().reshape(3, 8, 4, 8)
+    step = codes.scale.float()[..., None]
+    assert (error <= step / 2 + 1e-4).all()
+
+
+def test_grid_values_and_group_extremes_are_exact():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [-1.0, 0.5, 2.0, 3.5]])
+    assert torch.equal(dequantize_grid(quantize_grid(x, 2)), x)  # four evenly spaced values per row
+    y = torch.randn(4, 16)
+    back = dequantize_grid(quantize_grid(y, 4, group_size=4)).reshape(4, 4, 4)
+    groups = y.reshape(4, 4, 4)
+    assert torch.allclose(back.amin(-1), groups.amin(-1), atol=2e-3)  # min and max of each group survive
+    assert torch.allclose(back.amax(-1), groups.amax(-1), atol=2e-3)
+
+
+def test_axis_choice_groups_the_right_elements():
+    keys = torch.randn(2, 16, 8)  # (heads, tokens, channels): KIVI keys per channel over groups of tokens
+    codes = quantize_grid(keys, 4, axis=1, group_size=4)
+    assert codes.scale.shape == (2, 8, 4)  # (heads, channels, token groups)
+    column = keys[0, 4:8, 3]
+    expected = (column.max() - column.min()) / 15
+    assert torch.allclose(codes.scale[0, 3, 1].float(), expected, rtol=1e-3)
+
+
+def test_symmetric_grid_keeps_zero_exact():
+    x = torch.tensor([[0.0, 0.3, -0.7, 1.1]])
+    back = dequantize_grid(quantize_grid(x, 4, symmetric=True))
+    assert back[0, 0] == 0 and (back - x).abs().max() < 1.1 / 7 / 2 + 1e-3
+
+
+def test_bits_per_element_counts_the_metadata():
+    assert grid_bits_per_element(4, 128) == 4 + 32 / 128
+    assert grid_bits_per_element(2, 32, symmetric=True) == 2 + 16 / 32
+    x = torch.randn(64, 128)
+    codes = quantize_grid(x, 4, group_size=128)
+    stored = codes.levels.numel() * 4 + 16 * (codes.scale.numel() + codes.offset.numel())
+    assert stored / x.numel() == grid_bits_per_element(4, 128)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="bits must be an int in \\[1, 16\\], got 0"):
+        quantize_grid(torch.randn(4), 0)
+    with pytest.raises(ValueError, match="group_size must divide the size 10 of axis 0, got 4"):
+        quantize_grid(torch.randn(10), 4, group_size=4)
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        quantize_grid(torch.arange(4), 4)
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        quantize_grid(torch.randn(4, 4), 4, axis=2)
+    with pytest.raises(ValueError, match="symmetric grid needs bits >= 2"):
+        quantize_grid(torch.randn(4), 1, symmetric=True)
+    with pytest.raises(ValueError, match="exceed float16"):
+        quantize_grid(torch.tensor([0.0, 1e6]), 4)

@@ -1,0 +1,111 @@
+"""Integer grids: scalar quantization in groups along one axis, min-max (asymmetric) or abs-max (symmetric).
+
+The scalar core shared by KV-cache quantizers (KIVI: keys per channel over groups
+of tokens, values per token) and weight quantization (per output channel or per
+group of inputs). Every group of ``group_size`` consecutive elements along
+``axis`` gets its own scale (and, asymmetric, its own offset); an element is
+stored as an integer level in ``[0, 2^bits)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+METADATA_BITS = 16  # scales and offsets are stored in float16 / bfloat16
+
+
+class GridCodes(NamedTuple):
+    """A tensor on an integer grid.
+
+    Shapes:
+        - levels: the input's shape, uint8 (bits <= 8) or int16, values in [0, 2^bits)
+        - scale, offset: the input's shape with ``axis`` moved last and replaced by its
+          number of groups, float16 as stored (offset is None when symmetric)
+    """
+
+    levels: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    bits: int
+    axis: int
+    group_size: int
+
+
+def _check(x: torch.Tensor, bits: int, axis: int, group_size: int | None) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+    if x.dim() == 0 or not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    axis = axis % x.dim()
+    length = x.shape[axis]
+    group_size = length if group_size is None else group_size
+    if not isinstance(group_size, int) or group_size < 1 or length % group_size:
+        raise ValueError(f"group_size must divide the size {length} of axis {axis}, got {group_size!r}")
+    return axis, group_size
+
+
+def quantize_grid(
+    x: torch.Tensor, bits: int, axis: int = -1, group_size: int | None = None, symmetric: bool = False
+) -> GridCodes:
+    """Round ``x`` to a ``bits``-bit grid per group of ``group_size`` elements along ``axis``.
+
+    Min-max (asymmetric): ``level = round((x - min) / scale)``, ``scale = (max - min) / (2^bits - 1)``.
+    Abs-max (symmetric): ``level = round(x / scale) + 2^(bits-1) - 1`` with ``scale = max|x| / (2^(bits-1) - 1)``,
+    so zero is exact (``bits >= 2``).
+
+    Args:
+        x: floating-point tensor.
+        bits: 1..16.
+        axis: the axis grouped. Default: -1.
+        group_size: elements per group along ``axis``; must divide its size. Default: the whole axis.
+        symmetric: abs-max grid centred on zero. Default: False.
+    """
+    axis, group_size = _check(x, bits, axis, group_size)
+    if symmetric and bits < 2:
+        raise ValueError("a symmetric grid needs bits >= 2 (one level each side of zero)")
+    moved = x.movedim(axis, -1).float()
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // group_size, group_size)
+    tiny = torch.finfo(torch.float16).tiny
+    if symmetric:
+        half = 2 ** (bits - 1) - 1
+        scale = _stored((groups.abs().amax(-1, keepdim=True) / half).clamp_min(tiny))
+        levels = torch.round(groups / scale.float()).clamp(-half, half) + half
+        offset = None
+    else:
+        low = _stored(groups.amin(-1, keepdim=True))
+        scale = _stored(((groups.amax(-1, keepdim=True) - low.float()) / (2**bits - 1)).clamp_min(tiny))
+        levels = torch.round((groups - low.float()) / scale.float()).clamp(0, 2**bits - 1)
+        offset = low.squeeze(-1)
+    dtype = torch.uint8 if bits <= 8 else torch.int16
+    levels = levels.to(dtype).reshape(moved.shape).movedim(-1, axis)
+    return GridCodes(levels, scale.squeeze(-1), offset, bits, axis, group_size)
+
+
+def _stored(values: torch.Tensor) -> torch.Tensor:
+    """Metadata as stored (float16); the levels are computed from these rounded values."""
+    stored = values.to(torch.float16)
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"values up to {values.abs().max().item():.3g} exceed float16 scales and offsets")
+    return stored
+
+
+def dequantize_grid(codes: GridCodes, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The grid values of ``codes`` as a ``dtype`` tensor of the original shape."""
+    moved = codes.levels.movedim(codes.axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // codes.group_size, codes.group_size).float()
+    if codes.offset is None:
+        values = (groups - (2 ** (codes.bits - 1) - 1)) * codes.scale.float()[..., None]
+    else:
+        values = groups * codes.scale.float()[..., None] + codes.offset.float()[..., None]
+    return values.reshape(moved.shape).movedim(-1, codes.axis).to(dtype)
+
+
+def grid_bits_per_element(bits: int, group_size: int, symmetric: bool = False) -> float:
+    """Stored bits per element: the level plus the group's float16 scale (and offset) shared by its elements."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    return bits + (1 if symmetric else 2) * METADATA_BITS / group_size
