@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.kv import KVCache, LayerCache
 from tokenizers_q.packing import TokenSpec
 
 POSITIONS = ("grid", "sequence")
@@ -62,13 +63,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: LayerCache | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # any library KV cache: full precision, KIVI, ...
+            k, v = cache.update(k, v)
         # with a cache, the new queries sit at the end: causal masking aligns to the bottom-right
         is_causal = causal and n > 1
         mask = None
@@ -91,7 +90,7 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), causal, cache)
         return x + self.mlp(self.norm2(x))
 
@@ -237,7 +236,7 @@ class TokenTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = False,
-        cache: list[dict] | None = None,
+        cache: KVCache | None = None,
         start: int = 0,
         batch_size: int | None = None,
     ) -> torch.Tensor:
@@ -248,12 +247,12 @@ class TokenTransformer(nn.Module):
             labels: (B,) classes in [0, num_classes]; None: no class.
             mask: (B, L) bool, True where the token is hidden (replaced by the mask embedding).
             causal: causal attention (autoregressive).
-            cache: per-block dicts for incremental decoding, empty at first; once filled, calls
-                continue the cached sequence (no prefix again) with ``codes`` at raster position ``start``.
+            cache: a :class:`~tokenizers_q.kv.KVCache` for incremental decoding, empty at first; once filled,
+                calls continue the cached sequence (no prefix again) with ``codes`` at raster position ``start``.
             batch_size: needed only when ``codes`` is None and ``labels`` is None.
         """
         parts = []
-        continuing = cache is not None and bool(cache[0])
+        continuing = cache is not None and cache.num_tokens > 0
         if not continuing and start != 0:
             raise ValueError(f"start={start} continues a sequence: pass the cache filled by the earlier calls")
         if not continuing:

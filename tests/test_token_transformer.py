@@ -9,6 +9,7 @@ from conftest import CONFIGS
 from PIL import Image
 
 from tokenizers_q import create_quantizer, save_tokens
+from tokenizers_q.kv import KIVIConfig, KVCache
 from tokenizers_q.models import TokenTransformer, codes_to_digits, digits_to_codes
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.trainers import AutoregressiveTokenModule, MaskedTokenModule, TokenDataModule
@@ -106,6 +107,24 @@ def test_autoregressive_cache_samples_the_same_tokens(name):
     # greedy decoding picks, at each position, the argmax given the sampled prefix
     hidden = model.transformer(cached.flatten(1, -2)[:, :-1], model._labels(labels), causal=True)
     assert torch.equal(model.transformer.sample(model.transformer.logits(hidden), 0), cached.flatten(1, -2))
+
+
+def test_autoregressive_sampling_with_a_compressed_kv_cache():
+    spec = SPECS["vq"]
+    torch.manual_seed(0)
+    model = module(AutoregressiveTokenModule, spec, num_classes=3)
+    fit_steps(model, random_codes(spec, 8), torch.arange(8) % 3, 5)
+    model.eval()
+    labels = torch.tensor([0, 1, 2, 3])
+    reference = model.generate(4, labels, temperature=0)
+    kivi8 = KVCache(KIVIConfig(key_bits=8, value_bits=8, group_size=4, residual=4).make_layer)
+    assert torch.equal(model.generate(4, labels, temperature=0, cache=kivi8), reference)
+    assert len(kivi8) == len(model.transformer.blocks) and kivi8.layers[0].key_groups  # it really quantized
+    assert 8 < kivi8.bits_per_element() < 32
+    kivi1 = KVCache(KIVIConfig(key_bits=1, value_bits=1, group_size=4, residual=0).make_layer)
+    assert not torch.equal(model.generate(4, labels, temperature=0, cache=kivi1), reference)  # the cache is used
+    with pytest.raises(ValueError, match="cache must be an empty KVCache"):
+        model.generate(4, labels, temperature=0, cache=kivi8)
 
 
 def test_maskgit_fills_every_position_in_the_configured_steps():

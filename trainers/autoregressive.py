@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenizers_q.kv import KVCache
 from tokenizers_q.trainers.token_module import BITS_PER_NAT, TokenModule
 
 
@@ -47,11 +48,14 @@ class AutoregressiveTokenModule(TokenModule):
         temperature: float | None = None,
         top_k: int | None = None,
         use_cache: bool = True,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Sample ``num`` token grids one token at a time (``temperature=0``: greedy).
 
         With ``use_cache`` each step feeds only the newest token and reuses the keys and
-        values of the earlier ones; without, each step reruns the whole prefix.
+        values of the earlier ones; without, each step reruns the whole prefix. ``cache``:
+        an empty :class:`~tokenizers_q.kv.KVCache` to use, e.g. ``KVCache(KIVIConfig(bits...).make_layer)``
+        for compressed keys and values (default: full precision).
 
         Shapes:
             - labels: (num,) classes or None
@@ -61,7 +65,9 @@ class AutoregressiveTokenModule(TokenModule):
         top_k = self.hparams.top_k if top_k is None else top_k
         labels = self._labels(labels)
         model = self.transformer
-        cache = [{} for _ in model.blocks] if use_cache else None
+        if cache is not None and (not use_cache or cache.num_tokens):
+            raise ValueError("cache must be an empty KVCache, and use_cache True")
+        cache = (KVCache() if cache is None else cache) if use_cache else None
         hidden = model(None, labels, causal=True, cache=cache, batch_size=num)
         tokens = [model.sample(model.logits(hidden[:, -1:]), temperature, top_k)]
         for i in range(1, self.seq_len):
