@@ -85,3 +85,34 @@ def test_bad_input_is_reported():
         KIVIConfig(key_bits=9)
     with pytest.raises(ValueError, match="residual must be a non-negative int"):
         KIVIConfig(residual=-1)
+
+
+def test_hugging_face_generation_through_a_library_cache():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers_q.kv.hf import hf_cache
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (2, 40))
+    options = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    reference = model.generate(ids, past_key_values=transformers.DynamicCache(), **options)
+    kivi8 = hf_cache(2, KIVIConfig(key_bits=8, value_bits=8, group_size=16, residual=16).make_layer)
+    assert torch.equal(model.generate(ids, past_key_values=kivi8, **options), reference)
+    assert kivi8.get_seq_length() == 40 + 12 - 1 and kivi8.layers[0].inner.key_groups
+    assert 8 < kivi8.bits_per_element() < 32
+    kivi1 = hf_cache(2, KIVIConfig(key_bits=1, value_bits=1, group_size=16, residual=0).make_layer)
+    assert not torch.equal(model.generate(ids, past_key_values=kivi1, **options), reference)
+    # 51 tokens: 48 in three 1-bit groups (+ 32 bits of scale and offset per 16 elements), 3 in the float32 window
+    assert kivi1.bits_per_element() == pytest.approx((48 * (1 + 32 / 16) + 3 * 32) / 51)
+    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+        hf_cache(0)

@@ -9,7 +9,7 @@ tokens never changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -110,5 +110,11 @@ class KVCache:
         return self.layers[0].num_tokens if self.layers else 0
 
     def bits_per_element(self) -> float:
-        elements = sum(2 * math.prod(layer.layout) * layer.num_tokens for layer in self.layers if layer.layout)
-        return sum(layer.stored_bits() for layer in self.layers) / elements if elements else 0.0
+        return total_bits_per_element(self.layers)
+
+
+def total_bits_per_element(layers: Iterable[LayerCache]) -> float:
+    """Stored bits of several layer caches over all the key and value elements they cache."""
+    layers = [layer for layer in layers if layer.layout is not None]
+    elements = sum(2 * math.prod(layer.layout) * layer.num_tokens for layer in layers)
+    return sum(layer.stored_bits() for layer in layers) / elements if elements else 0.0
