@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from tokenizers_q.kv import FullPrecisionLayerCache, KIVIConfig, KIVILayerCache, KVCache
+from tokenizers_q.kv import (
+    CoupledCodebooks,
+    CQConfig,
+    CQLayerCache,
+    FullPrecisionLayerCache,
+    KIVIConfig,
+    KIVILayerCache,
+    KVCache,
+)
 
 
 def feed(cache, steps, batch=1, heads=2, dim=64, dtype=torch.float32, seed=0):
@@ -116,3 +124,57 @@ def test_hugging_face_generation_through_a_library_cache():
     assert kivi1.bits_per_element() == pytest.approx((48 * (1 + 32 / 16) + 3 * 32) / 51)
     with pytest.raises(ValueError, match="num_layers must be a positive int"):
         hf_cache(0)
+
+
+def correlated_kv(tokens: int, seed: int, heads: int = 2, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values whose channels move together (rank 2 per head), as real attention activations do."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(2, heads, 2, dim, generator=torch.Generator().manual_seed(99))
+    latent = torch.randn(2, 1, heads, tokens, 2, generator=g)
+    keys, values = (latent[i] @ mixing[i] + 0.05 * torch.randn(1, heads, tokens, dim, generator=g) for i in range(2))
+    return keys, values
+
+
+def test_coupled_quantization_beats_per_channel_grids_at_equal_bits():
+    config = CQConfig(channels=4, bits=8)  # 2 bits per channel
+    codebooks = CoupledCodebooks.fit(*correlated_kv(2000, seed=0), config)
+    assert codebooks.keys.shape == (2, 4, 256, 4) and codebooks.keys.dtype == torch.float16
+    keys, values = correlated_kv(64, seed=1)  # held out
+    cq = CQLayerCache(codebooks)
+    cq_keys, cq_values = cq.update(keys, values)
+    kivi = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=16, residual=0))
+    kivi_keys, kivi_values = kivi.update(keys, values)
+    for got_cq, got_kivi, want in ((cq_keys, kivi_keys, keys), (cq_values, kivi_values, values)):
+        assert (got_cq - want).norm() < 0.5 * (got_kivi - want).norm()
+    assert cq.bits_per_element() == config.bits_per_channel == 2.0  # codes only: the centroids are shared
+    counted = CQLayerCache(codebooks, count_codebooks=True)
+    counted.update(keys, values)
+    assert counted.stored_bits() == cq.stored_bits() + 2 * 2 * 4 * 256 * 4 * 16
+
+
+def test_coupled_cache_is_append_only_and_checks_heads():
+    codebooks = CoupledCodebooks.fit(*correlated_kv(300, seed=0), CQConfig(channels=8, bits=4, num_iters=5))
+    cache = CQLayerCache(codebooks)
+    keys, values = correlated_kv(10, seed=2)
+    first, _ = cache.update(keys, values)
+    codes = cache.codes[0][0].clone()
+    later, _ = cache.update(*correlated_kv(5, seed=3))
+    assert torch.equal(later[:, :, :10], first) and torch.equal(cache.codes[0][0], codes)
+    assert cache.bits_per_element() == 0.5
+    with pytest.raises(ValueError, match="fitted for 2 heads of dim 16, got 3 heads of dim 16"):
+        CQLayerCache(codebooks).update(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
+    with pytest.raises(ValueError, match="channels=5 must divide head_dim 16"):
+        CoupledCodebooks.fit(*correlated_kv(10, seed=0), CQConfig(channels=5))
+
+
+def test_fisher_weights_pull_centroids_towards_heavy_vectors():
+    keys, values = correlated_kv(400, seed=0)
+    weights = torch.ones(1, 2, 400)
+    weights[:, :, :40] = 100.0  # the first tokens matter most
+    config = CQConfig(channels=4, bits=2, num_iters=10)
+    plain = CQLayerCache(CoupledCodebooks.fit(keys, values, config))
+    weighted = CQLayerCache(CoupledCodebooks.fit(keys, values, config, weights, weights))
+    heavy = keys[:, :, :40]
+    error_plain = (plain.update(heavy, values[:, :, :40])[0] - heavy).norm()
+    error_weighted = (weighted.update(heavy, values[:, :, :40])[0] - heavy).norm()
+    assert error_weighted < error_plain

@@ -1,6 +1,16 @@
 """KV-cache compression: per-layer caches that store attention keys and values as codes."""
 
 from tokenizers_q.kv.cache import FullPrecisionLayerCache, KVCache, LayerCache
+from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
 
-__all__ = ["FullPrecisionLayerCache", "KIVIConfig", "KIVILayerCache", "KVCache", "LayerCache"]
+__all__ = [
+    "CQConfig",
+    "CQLayerCache",
+    "CoupledCodebooks",
+    "FullPrecisionLayerCache",
+    "KIVIConfig",
+    "KIVILayerCache",
+    "KVCache",
+    "LayerCache",
+]

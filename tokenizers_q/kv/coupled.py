@@ -1,0 +1,151 @@
+"""Coupled quantization of KV caches (CQ, "KV Cache is 1 Bit Per Channel", Zhang et al., 2024).
+
+Channels of each head are split into groups of ``channels``; each group of a key
+(or value) vector is replaced by the index of its nearest centroid among
+``2^bits`` learned jointly for those channels by (optionally Fisher-weighted)
+k-means on calibration keys and values. Coupling channels lets 8-bit codes over
+4 channels (2 bits per channel) or 8 channels (1 bit per channel) keep the
+channels' joint structure that per-channel grids lose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenizers_q.grids import METADATA_BITS
+from tokenizers_q.kmeans import kmeans
+from tokenizers_q.kv.cache import LayerCache, check_kv
+from tokenizers_q.search import nearest
+
+
+@dataclass(frozen=True)
+class CQConfig:
+    r"""Settings of coupled quantization.
+
+    Args:
+        channels: channels coupled in one code (must divide head_dim). Default: 4.
+        bits: bits per code, ``2^bits`` centroids per channel group. Default: 8 (2 bits per channel at 4 channels).
+        num_iters: k-means iterations. Default: 20.
+        seed: k-means seeding. Default: 0.
+    """
+
+    channels: int = 4
+    bits: int = 8
+    num_iters: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
+
+    @property
+    def bits_per_channel(self) -> float:
+        return self.bits / self.channels
+
+
+class CoupledCodebooks:
+    r"""One layer's centroids for keys and values, per head and channel group.
+
+    Shapes:
+        - keys, values: (heads, head_dim / channels, 2^bits, channels), float16
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: CQConfig):
+        if keys.shape != values.shape or keys.dim() != 4:
+            raise ValueError(f"key and value codebooks must share a 4-d shape, got {keys.shape} and {values.shape}")
+        # stored in float16, as counted by stored_bits
+        self.keys, self.values, self.config = keys.to(torch.float16), values.to(torch.float16), config
+
+    @classmethod
+    def fit(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        config: CQConfig,
+        key_weights: torch.Tensor | None = None,
+        value_weights: torch.Tensor | None = None,
+    ) -> CoupledCodebooks:
+        """k-means on calibration keys and values of one layer (weights: e.g. Fisher information per vector).
+
+        Shapes:
+            - keys, values: (B, H, T, D) calibration activations
+            - key_weights, value_weights: (B, H, T) non-negative, or None
+        """
+        check_kv(keys, values, None, None)
+        dim = keys.shape[-1]
+        if dim % config.channels:
+            raise ValueError(f"channels={config.channels} must divide head_dim {dim}")
+        generator = torch.Generator(device=keys.device).manual_seed(config.seed)
+        books = []
+        for x, w in ((keys, key_weights), (values, value_weights)):
+            groups = _groups(x, config.channels)  # (H * G, B * T, c)
+            weights = None
+            if w is not None:
+                weights = w.permute(1, 0, 2).reshape(x.shape[1], 1, -1).expand(-1, dim // config.channels, -1)
+                weights = weights.reshape(groups.shape[:2])
+            result = kmeans(groups, 2**config.bits, config.num_iters, weights, generator=generator)
+            books.append(result.centroids.reshape(x.shape[1], dim // config.channels, 2**config.bits, config.channels))
+        return cls(books[0], books[1], config)
+
+    def stored_bits(self) -> int:
+        """The centroids in float16."""
+        return (self.keys.numel() + self.values.numel()) * METADATA_BITS
+
+
+def _groups(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, H, T, D) -> (H * D / channels, B * T, channels): one k-means / search problem per head and group."""
+    b, h, t, d = x.shape
+    return (
+        x.float()
+        .reshape(b, h, t, d // channels, channels)
+        .permute(1, 3, 0, 2, 4)
+        .reshape(h * d // channels, b * t, channels)
+    )
+
+
+def _ungroup(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    b, h, t, d = shape
+    channels = groups.shape[-1]
+    return groups.reshape(h, d // channels, b, t, channels).permute(2, 0, 3, 1, 4).reshape(b, h, t, d)
+
+
+class CQLayerCache(LayerCache):
+    r"""One layer's coupled-quantization cache: every token stored as codes (no full-precision window).
+
+    ``stored_bits`` counts the codes and, with ``count_codebooks``, the layer's centroids
+    (amortised over the tokens of this cache; off when they are shared by many sequences).
+    """
+
+    def __init__(self, codebooks: CoupledCodebooks, count_codebooks: bool = False):
+        super().__init__()
+        self.codebooks, self.count_codebooks = codebooks, count_codebooks
+        self.codes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.past_keys: torch.Tensor | None = None
+        self.past_values: torch.Tensor | None = None
+
+    def _append(self, keys, values):
+        heads, groups, _, channels = self.codebooks.keys.shape
+        if keys.shape[1] != heads or keys.shape[3] != groups * channels:
+            raise ValueError(
+                f"the codebooks were fitted for {heads} heads of dim {groups * channels}, "
+                f"got {keys.shape[1]} heads of dim {keys.shape[3]}"
+            )
+        decoded = []
+        for x, book in ((keys, self.codebooks.keys), (values, self.codebooks.values)):
+            book = book.to(x.device, torch.float32).reshape(heads * groups, -1, channels)
+            codes, _ = nearest(_groups(x, channels), book)
+            centroids = torch.gather(book, 1, codes.unsqueeze(-1).expand(-1, -1, channels))
+            decoded.append((codes, _ungroup(centroids, x.shape).to(x.dtype)))
+        self.codes.append((decoded[0][0], decoded[1][0]))
+        new_keys, new_values = decoded[0][1], decoded[1][1]
+        self.past_keys = new_keys if self.past_keys is None else torch.cat([self.past_keys, new_keys], 2)
+        self.past_values = new_values if self.past_values is None else torch.cat([self.past_values, new_values], 2)
+        return self.past_keys, self.past_values
+
+    def stored_bits(self) -> int:
+        bits = sum((k.numel() + v.numel()) * self.codebooks.config.bits for k, v in self.codes)
+        return bits + (self.codebooks.stored_bits() if self.count_codebooks else 0)
