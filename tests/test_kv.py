@@ -178,3 +178,31 @@ def test_fisher_weights_pull_centroids_towards_heavy_vectors():
     error_plain = (plain.update(heavy, values[:, :, :40])[0] - heavy).norm()
     error_weighted = (weighted.update(heavy, values[:, :, :40])[0] - heavy).norm()
     assert error_weighted < error_plain
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, bits",
+    [
+        ("vq", {"codebook_size": 256}, 8),
+        ("rvq", {"num_quantizers": 2, "codebook_size": 256}, 16),
+        ("pq", {"num_groups": 4, "codebook_size": 256}, 32),
+    ],
+)
+def test_library_quantizers_as_kv_caches(name, kwargs, bits):
+    from tokenizers_q.kv import QuantizerLayerCache, calibrate_quantizer
+
+    keys, values = correlated_kv(1000, seed=0)
+    quantizers = [calibrate_quantizer(name, x.reshape(-1, 16), **kwargs) for x in (keys, values)]
+    cache = QuantizerLayerCache(*quantizers)
+    held_keys, held_values = correlated_kv(32, seed=1)
+    got_keys, got_values = cache.update(held_keys, held_values)
+    assert got_keys.shape == held_keys.shape
+    relative = (got_keys - held_keys).norm() / held_keys.norm()
+    assert relative < 0.6  # a rank-2 signal: the calibrated codes keep most of it
+    assert cache.bits_per_element() == bits / 16  # codes of one head vector over its 16 elements
+    cache.update(*correlated_kv(4, seed=2))
+    assert torch.equal(cache.past[0][:, :, :32], got_keys)  # append-only
+    with pytest.raises(ValueError, match="read head_dim 16, got 8"):
+        QuantizerLayerCache(*quantizers).update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    with pytest.raises(ValueError, match="'fsq' has no codebook that k-means calibrates"):
+        calibrate_quantizer("fsq", keys.reshape(-1, 16), levels=[8, 8, 8, 8])

@@ -3,6 +3,7 @@
 from tokenizers_q.kv.cache import FullPrecisionLayerCache, KVCache, LayerCache
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
+from tokenizers_q.kv.learned import QuantizerLayerCache, calibrate_quantizer
 
 __all__ = [
     "CQConfig",
@@ -13,4 +14,6 @@ __all__ = [
     "KIVILayerCache",
     "KVCache",
     "LayerCache",
+    "QuantizerLayerCache",
+    "calibrate_quantizer",
 ]
