@@ -163,7 +163,7 @@ def main() -> None:
 
     tokenizer, model = load_model()
     num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
-    held_out = stdlib_tokens(tokenizer, skip=200, count=args.sequences, length=args.length)
+    held_out = stdlib_tokens(tokenizer, skip=100, count=args.sequences, length=args.length)
     calibration = None
     if any(m.startswith(("cq-", "rvq-")) for m in args.methods):
         calibration = calibration_kv(
