@@ -87,7 +87,8 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     """Stage 1 (tokenizer), node tokens, stage 2 (transformer); test accuracy at the best validation epoch."""
     L.seed_everything(seed, verbose=False)
     start = time.perf_counter()
-    tokenizer = GraphTokenizerModule(quantizer_kwargs={"num_quantizers": args.levels, "codebook_size": args.codes})
+    quantizer = {"num_quantizers": args.levels, "codebook_size": args.codes}
+    tokenizer = GraphTokenizerModule(conv=args.conv, quantizer_kwargs=quantizer)
     trainer(folder, max_steps=args.tokenizer_steps, limit_val_batches=0, enable_checkpointing=False).fit(
         tokenizer, data_module
     )
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-nodes", type=int, default=4000)
     parser.add_argument("--tokenizer-steps", type=int, default=300)
+    parser.add_argument("--conv", default="gcn", choices=["gcn", "gat", "sage"], help="tokenizer GNN layers")
     parser.add_argument("--levels", type=int, default=3, help="RVQ levels")
     parser.add_argument("--codes", type=int, default=256, help="codes per level")
     parser.add_argument("--ppr-k", type=int, default=16)
@@ -204,7 +206,8 @@ def main() -> None:
             f"{usage} | {' | '.join(f'{t:.0f}' for t in times)} |"
         )
     print(
-        f"\n{args.levels} RVQ levels x {args.codes} codes, {args.tokenizer_steps} tokenizer steps (full batch), "
+        f"\n{args.conv} tokenizer, {args.levels} RVQ levels x {args.codes} codes, {args.tokenizer_steps} tokenizer "
+        "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours; "
         f"{torch.get_num_threads()} threads."
     )

@@ -30,7 +30,7 @@ class GraphTokenizerModule(L.LightningModule):
     Args:
         in_dim: node feature size; default: read from the data module.
         hidden_dim, num_layers, conv, heads, norm, residual, dropout: the
-            :class:`~tokenizers_q.models.GNNEncoder`. Defaults: 128, 2, ``"sage"``, 4, ``"batch"``, True, 0.1.
+            :class:`~tokenizers_q.models.GNNEncoder`. Defaults: 128, 2, ``"gcn"``, 4, ``"batch"``, True, 0.1.
         latent_dim: size of the quantized latents. Default: 64.
         quantizer: registered quantizer name. Default: ``"rvq"``.
         quantizer_kwargs: its arguments. Default: 3 levels of 256 codes (24 bits per node).
@@ -53,7 +53,7 @@ class GraphTokenizerModule(L.LightningModule):
         in_dim: int | None = None,
         hidden_dim: int = 128,
         num_layers: int = 2,
-        conv: str = "sage",
+        conv: str = "gcn",
         heads: int = 4,
         norm: str = "batch",
         residual: bool = True,
