@@ -27,6 +27,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, module: L.LightningModule, fallback_total: int = 10_000
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`warmup_cosine` per step over the trainer's estimated steps (``fallback_total`` without a trainer),
+    from the module's ``warmup_steps`` and ``min_lr_ratio`` hyper-parameters."""
+    hp = module.hparams
+    total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer is not None else fallback_total
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+    )
+
+
 class AutoencoderModule(L.LightningModule):
     r"""A discrete image autoencoder with injected parts.
 
@@ -193,12 +205,7 @@ class AutoencoderModule(L.LightningModule):
         hp = self.hparams
         params = [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
         opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 10_000
-
-        def schedule(step: int) -> float:
-            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
+        scheduler = warmup_cosine_scheduler(opt_g, self)
         if self.discriminator is None:
             return [opt_g], [scheduler]
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))

@@ -12,7 +12,7 @@ from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.graph_encoder import GNNEncoder
 from tokenizers_q.models.graph_ssl import DeepGraphInfomax, LatentPrediction, MaskedFeatureReconstruction
 from tokenizers_q.quantizers import Quantizer, create_quantizer
-from tokenizers_q.trainers.autoencoder import warmup_cosine
+from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
 from tokenizers_q.trainers.graph_data import check_graph
 
 DEFAULT_QUANTIZER = {"num_quantizers": 3, "codebook_size": 256}
@@ -211,10 +211,7 @@ class GraphTokenizerModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
         return [opt], [{"scheduler": scheduler, "interval": "step"}]
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tokenizers_q.models.graph_transformer import GraphTransformer
 from tokenizers_q.packing import TokenSpec, load_tokens
-from tokenizers_q.trainers.autoencoder import warmup_cosine
+from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
 from tokenizers_q.trainers.node_tokens import check_node_tokens
 from tokenizers_q.trainers.token_module import code_vectors
 
@@ -135,8 +135,5 @@ class GraphTransformerModule(L.LightningModule):
         no_decay = [p for p in self.parameters() if not any(p is q for q in decay)]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
         return [opt], [{"scheduler": scheduler, "interval": "step"}]

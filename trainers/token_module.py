@@ -11,7 +11,7 @@ from torch import nn
 from tokenizers_q.models.token_transformer import TokenTransformer
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers import Quantizer
-from tokenizers_q.trainers.autoencoder import load_tokenizer, warmup_cosine
+from tokenizers_q.trainers.autoencoder import load_tokenizer, warmup_cosine_scheduler
 from tokenizers_q.trainers.token_data import token_file_layout
 
 BITS_PER_NAT = 1.0 / math.log(2.0)
@@ -160,10 +160,7 @@ class TokenModule(L.LightningModule):
         no_decay = [p for n, p in self.named_parameters() if not any(p is q for q in decay)]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 10_000
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        scheduler = warmup_cosine_scheduler(opt, self)
         return [opt], [{"scheduler": scheduler, "interval": "step"}]
 
     # -- sampling ---------------------------------------------------------------------------
