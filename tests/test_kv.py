@@ -7,10 +7,15 @@ from tokenizers_q.kv import (
     CoupledCodebooks,
     CQConfig,
     CQLayerCache,
+    DenseAndSparseLayerCache,
     FullPrecisionLayerCache,
     KIVIConfig,
     KIVILayerCache,
     KVCache,
+    PreRoPELayerCache,
+    apply_rotary,
+    outlier_bounds,
+    rotary_tables,
 )
 
 
@@ -97,7 +102,7 @@ def test_bad_input_is_reported():
 
 def test_hugging_face_generation_through_a_library_cache():
     transformers = pytest.importorskip("transformers")
-    from tokenizers_q.kv.hf import hf_cache
+    from tokenizers_q.kv.hf import hf_cache, hf_rotary
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -118,6 +123,12 @@ def test_hugging_face_generation_through_a_library_cache():
     assert torch.equal(model.generate(ids, past_key_values=kivi8, **options), reference)
     assert kivi8.get_seq_length() == 40 + 12 - 1 and kivi8.layers[0].inner.key_groups
     assert 8 < kivi8.bits_per_element() < 32
+    rotary = hf_rotary(model)
+    cos, sin = rotary(torch.arange(7))
+    want_cos, want_sin = rotary_tables(config.head_dim, config.rope_parameters["rope_theta"])(torch.arange(7))
+    torch.testing.assert_close((cos, sin), (want_cos, want_sin))
+    pre_rope = hf_cache(2, lambda: PreRoPELayerCache(KIVIConfig(8, 8, 16, 16).make_layer(), rotary))
+    assert torch.equal(model.generate(ids, past_key_values=pre_rope, **options), reference)
     kivi1 = hf_cache(2, KIVIConfig(key_bits=1, value_bits=1, group_size=16, residual=0).make_layer)
     assert not torch.equal(model.generate(ids, past_key_values=kivi1, **options), reference)
     # 51 tokens: 48 in three 1-bit groups (+ 32 bits of scale and offset per 16 elements), 3 in the float32 window
@@ -206,3 +217,92 @@ def test_library_quantizers_as_kv_caches(name, kwargs, bits):
         QuantizerLayerCache(*quantizers).update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="'fsq' has no codebook that k-means calibrates"):
         calibrate_quantizer("fsq", keys.reshape(-1, 16), levels=[8, 8, 8, 8])
+
+
+def rotated_keys(tokens: int = 96, heads: int = 2, dim: int = 32, seed: int = 0):
+    """Pre-RoPE keys with strong per-channel offsets (as real keys have), and the same keys after RoPE."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = 4 * torch.randn(1, heads, 1, dim, generator=g)
+    pre = offsets + 0.3 * torch.randn(1, heads, tokens, dim, generator=g)
+    cos, sin = rotary_tables(dim)(torch.arange(tokens))
+    return pre, apply_rotary(pre, cos, sin)
+
+
+def test_pre_rope_cache_stores_unrotated_keys_and_returns_rotated_ones():
+    pre, post = rotated_keys()
+    values = torch.randn_like(post)
+    cache = PreRoPELayerCache(FullPrecisionLayerCache(), rotary_tables(32))
+    for start in range(0, 96, 40):  # chunks of 40, 40, 16: positions carry over
+        keys, got_values = cache.update(post[:, :, start : start + 40], values[:, :, start : start + 40])
+    torch.testing.assert_close(keys, post, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.inner.keys, pre, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_values, values) and cache.bits_per_element() == 32.0
+
+
+def test_pre_rope_keys_quantize_better_per_channel():
+    pre, post = rotated_keys()
+    config = KIVIConfig(key_bits=2, value_bits=2, group_size=32, residual=0)
+    errors = []
+    for cache in (config.make_layer(), PreRoPELayerCache(config.make_layer(), rotary_tables(32))):
+        keys, _ = cache.update(post, torch.randn_like(post))
+        errors.append(((keys - post).norm() / post.norm()).item())
+    assert errors[1] < 0.5 * errors[0]
+
+
+def test_sink_and_outliers_are_kept_exactly_and_counted():
+    torch.manual_seed(0)
+    keys, values = (torch.distributions.StudentT(2.0).sample((1, 2, 70, 16)) for _ in range(2))
+    calibration = torch.distributions.StudentT(2.0).sample((1, 2, 4000, 16))
+    bounds = outlier_bounds(calibration, 0.02)
+    assert bounds[0].shape == (2, 16) and (bounds[0] < bounds[1]).all()
+    inner = KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=0).make_layer()
+    cache = DenseAndSparseLayerCache(inner, sink_tokens=3, key_bounds=bounds, value_bounds=bounds)
+    for start in (0, 2, 30):  # the sink straddles the first two chunks
+        stop = {0: 2, 2: 30, 30: 70}[start]
+        got_keys, got_values = cache.update(keys[:, :, start:stop], values[:, :, start:stop])
+    assert torch.equal(got_keys[:, :, :3], keys[:, :, :3]) and inner.num_tokens == 67
+    lower, upper = (b[None, :, None, :] for b in bounds)
+    for got, want in ((got_keys, keys), (got_values, values)):
+        outside = (want < lower) | (want > upper)
+        outside[:, :, :3] = False
+        assert outside.any()
+        assert torch.equal(got[outside], want[outside].half().float())
+    expected_outliers = sum(((x[:, :, 3:] < lower) | (x[:, :, 3:] > upper)).sum().item() for x in (keys, values))
+    assert cache.num_outliers() == expected_outliers
+    sink_bits = 2 * 3 * 2 * 16 * 32
+    assert cache.stored_bits() == inner.stored_bits() + sink_bits + 48 * expected_outliers
+    plain = KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=0).make_layer()
+    plain_keys, _ = plain.update(keys, values)
+    assert (got_keys - keys).norm() < 0.8 * (plain_keys - keys).norm()
+
+
+def test_kivi_window_in_float16_is_counted_at_16_bits():
+    cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=8, window_dtype=torch.float16))
+    (keys, _), all_keys, _ = feed(cache, 0)
+    assert keys.dtype == torch.float32 and cache.window_keys.dtype == torch.float16
+    window = cache.window_keys.shape[2]
+    torch.testing.assert_close(keys[:, :, -window:], all_keys[:, :, -window:], atol=2e-3, rtol=1e-3)
+    groups = (40 - window) * 2 * 64 * 2  # quantized elements
+    metadata = 2 * (2 * 64 * (40 - window) // 8) * 2 * 16  # scale + offset per 8 elements, keys and values
+    assert cache.stored_bits() == groups * 2 + metadata + 2 * 2 * 64 * window * 16
+
+
+def test_sparse_and_rope_errors():
+    inner = FullPrecisionLayerCache()
+    with pytest.raises(TypeError, match="inner must be a LayerCache"):
+        DenseAndSparseLayerCache(object())
+    with pytest.raises(ValueError, match="sink_tokens must be a non-negative int, got -1"):
+        DenseAndSparseLayerCache(inner, sink_tokens=-1)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        outlier_bounds(torch.randn(1, 2, 10, 4), 1.5)
+    bounds = outlier_bounds(torch.randn(1, 3, 50, 4), 0.1)
+    with pytest.raises(ValueError, match="bounds are for 3 heads of dim 4"):
+        DenseAndSparseLayerCache(inner, 0, bounds).update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="head_dim must be a positive even int, got 5"):
+        rotary_tables(5)
+    with pytest.raises(TypeError, match="rotary must map positions"):
+        PreRoPELayerCache(inner, None)
+    with pytest.raises(ValueError, match="rotary gave tables of shape"):
+        PreRoPELayerCache(inner, rotary_tables(8)).update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="window_dtype must be a floating torch dtype"):
+        KIVIConfig(window_dtype=torch.int8)

@@ -4,16 +4,23 @@ from tokenizers_q.kv.cache import FullPrecisionLayerCache, KVCache, LayerCache
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
 from tokenizers_q.kv.learned import QuantizerLayerCache, calibrate_quantizer
+from tokenizers_q.kv.rope import PreRoPELayerCache, apply_rotary, rotary_tables
+from tokenizers_q.kv.sparse import DenseAndSparseLayerCache, outlier_bounds
 
 __all__ = [
     "CQConfig",
     "CQLayerCache",
     "CoupledCodebooks",
+    "DenseAndSparseLayerCache",
     "FullPrecisionLayerCache",
     "KIVIConfig",
     "KIVILayerCache",
     "KVCache",
     "LayerCache",
+    "PreRoPELayerCache",
     "QuantizerLayerCache",
+    "apply_rotary",
     "calibrate_quantizer",
+    "outlier_bounds",
+    "rotary_tables",
 ]

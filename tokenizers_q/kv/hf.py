@@ -60,6 +60,21 @@ class HFKVCache(Cache):
         return total_bits_per_element(layer.inner for layer in self.layers)
 
 
+def hf_rotary(model) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The rotary tables of a ``transformers`` decoder with RoPE (Llama, Mistral, Qwen, ...), for
+    :class:`~tokenizers_q.kv.rope.PreRoPELayerCache`: ``positions -> (cos, sin)``, each (T, head_dim)."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding (model.model.rotary_emb)")
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.zeros(1, device=positions.device)
+        cos, sin = rotary(probe, positions[None])
+        return cos[0], sin[0]
+
+    return tables
+
+
 def hf_cache(num_layers: int, make_layer: Callable[[], LayerCache] = FullPrecisionLayerCache) -> HFKVCache:
     """An empty ``transformers`` cache of ``num_layers`` library layer caches, for ``past_key_values=``."""
     if not isinstance(num_layers, int) or num_layers < 1:

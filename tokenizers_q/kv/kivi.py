@@ -21,12 +21,15 @@ class KIVIConfig:
             value scale per token. Default: 32.
         residual: the most recent tokens kept in full precision (at least this many,
             fewer than ``residual + group_size``). Default: 128.
+        window_dtype: floating dtype the window is stored in (e.g. ``torch.float16`` under a
+            float32 model), or None for the input's dtype. Default: None.
     """
 
     key_bits: int = 2
     value_bits: int = 2
     group_size: int = 32
     residual: int = 128
+    window_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
@@ -37,6 +40,10 @@ class KIVIConfig:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         if not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"residual must be a non-negative int, got {self.residual!r}")
+        if self.window_dtype is not None and not (
+            isinstance(self.window_dtype, torch.dtype) and self.window_dtype.is_floating_point
+        ):
+            raise ValueError(f"window_dtype must be a floating torch dtype or None, got {self.window_dtype!r}")
 
     def make_layer(self) -> KIVILayerCache:
         return KIVILayerCache(self)
@@ -68,6 +75,9 @@ class KIVILayerCache(LayerCache):
         config, dim = self.config, keys.shape[-1]
         if dim % min(config.group_size, dim):
             raise ValueError(f"head_dim {dim} must be divisible by the value group size {config.group_size}")
+        dtype = keys.dtype
+        if config.window_dtype is not None:
+            keys, values = keys.to(config.window_dtype), values.to(config.window_dtype)
         if self.window_keys is None:
             self.window_keys, self.window_values = keys, values
         else:
@@ -75,11 +85,12 @@ class KIVILayerCache(LayerCache):
             self.window_values = torch.cat([self.window_values, values], 2)
         size = config.group_size
         while self.window_keys.shape[2] >= config.residual + size:
-            self._quantize_group(self.window_keys[:, :, :size], self.window_values[:, :, :size])
+            self._quantize_group(self.window_keys[:, :, :size].to(dtype), self.window_values[:, :, :size].to(dtype))
             self.window_keys, self.window_values = self.window_keys[:, :, size:], self.window_values[:, :, size:]
+        window_keys, window_values = self.window_keys.to(dtype), self.window_values.to(dtype)
         if self.past_keys is None:
-            return self.window_keys, self.window_values
-        return torch.cat([self.past_keys, self.window_keys], 2), torch.cat([self.past_values, self.window_values], 2)
+            return window_keys, window_values
+        return torch.cat([self.past_keys, window_keys], 2), torch.cat([self.past_values, window_values], 2)
 
     def _quantize_group(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         config = self.config
