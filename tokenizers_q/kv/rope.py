@@ -72,7 +72,9 @@ class PreRoPELayerCache(LayerCache):
     def _angles(self, start: int, stop: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(torch.arange(start, stop, device=like.device))
         if cos.shape != (stop - start, like.shape[-1]):
-            raise ValueError(f"rotary gave tables of shape {tuple(cos.shape)}, expected {(stop - start, like.shape[-1])}")
+            raise ValueError(
+                f"rotary gave tables of shape {tuple(cos.shape)}, expected {(stop - start, like.shape[-1])}"
+            )
         return cos, sin
 
     def _append(self, keys, values):
