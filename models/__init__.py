@@ -9,6 +9,7 @@ import importlib
 from tokenizers_q.models.autoencoder import Decoder, Encoder, ResBlock
 from tokenizers_q.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokenizers_q.models.feature_classifier import FeatureClassifier
+from tokenizers_q.models.kv_codec import KVCodec
 from tokenizers_q.models.token_transformer import TokenTransformer, codes_to_digits, digits_to_codes
 
 _LAZY = {
@@ -34,6 +35,7 @@ __all__ = [
     "FeatureClassifier",
     "GNNEncoder",
     "GraphTransformer",
+    "KVCodec",
     "LatentPrediction",
     "MaskedFeatureReconstruction",
     "PatchDiscriminator",

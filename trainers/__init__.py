@@ -18,6 +18,11 @@ _LAZY = {  # graph parts: torch_geometric is an optional extra, imported on firs
     "GraphTransformerModule": "graph_transformer",
     "NodeTokenDataModule": "node_tokens",
     "write_node_tokens": "node_tokens",
+    # KV parts: transformers is an optional extra
+    "KVActivationDataModule": "kv_data",
+    "collect_attention_inputs": "kv_data",
+    "KVTokenizerModule": "kv_tokenizer",
+    "load_kv_tokenizer": "kv_tokenizer",
 }
 
 
@@ -37,6 +42,8 @@ __all__ = [
     "GraphTokenizerModule",
     "GraphTransformerModule",
     "ImageDataModule",
+    "KVActivationDataModule",
+    "KVTokenizerModule",
     "MaskedTokenModule",
     "NodeTokenDataModule",
     "ReconstructionGrid",
@@ -44,8 +51,10 @@ __all__ = [
     "SampleGrid",
     "TokenDataModule",
     "ba_house",
+    "collect_attention_inputs",
     "contextual_sbm",
     "load_graph_tokenizer",
+    "load_kv_tokenizer",
     "load_tokenizer",
     "write_node_tokens",
 ]
