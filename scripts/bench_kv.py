@@ -31,14 +31,20 @@ from tokenizers_q.kv import (
     CoupledCodebooks,
     CQConfig,
     CQLayerCache,
+    DenseAndSparseLayerCache,
     FullPrecisionLayerCache,
     KIVIConfig,
+    PreRoPELayerCache,
     QuantizerLayerCache,
+    apply_rotary,
     calibrate_quantizer,
 )
-from tokenizers_q.kv.hf import hf_cache
+from tokenizers_q.kv.hf import hf_cache, hf_rotary
+from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
-METHODS = ("fp", "int8", "kivi-4", "kivi-2", "cq-2", "cq-1", "rvq-2", "rvq-1")
+SCALAR = ("fp", "int8", "kivi-4", "kivi-2")
+CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")
+METHODS = SCALAR + CODEBOOKS
 
 
 def load_model():
@@ -99,56 +105,83 @@ def run_sequence(model, ids: torch.Tensor, cache, chunk: int, recorder: Attentio
     return torch.cat(logits), recorder.take()
 
 
-def calibration_kv(model, sequences: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values (1, H, T, D) of every layer over the calibration text (full-precision cache)."""
-    from transformers import DynamicCache
-
-    per_layer = None
-    with torch.no_grad():
-        for ids in sequences:
-            cache = DynamicCache()
-            model(ids.unsqueeze(0), past_key_values=cache, use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
-            per_layer = (
-                kv
-                if per_layer is None
-                else [(torch.cat([a, k], 2), torch.cat([b, v], 2)) for (a, b), (k, v) in zip(per_layer, kv)]
-            )
-    return per_layer
+def calibration_kv(calibration: dict, layer: int, pre_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's calibration keys (before or after RoPE) and values (S, H, T - 1, D), the sink token left out."""
+    keys, values = calibration["keys"][:, layer].float(), calibration["values"][:, layer].float()
+    if not pre_rope:
+        keys = apply_rotary(keys, calibration["cos"], calibration["sin"])
+    return keys[:, :, 1:], values[:, :, 1:]
 
 
-def cache_factory(method: str, num_layers: int, calibration, head_dim: int):
+def cache_factory(method: str, calibration: dict | None, model, args):
     """A function making a fresh cache of ``method``, and the float16 bits of its shared codebooks."""
-    if method == "fp":
-        return lambda: hf_cache(num_layers, FullPrecisionLayerCache), 0
+    num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
     scalar = {
+        "fp": None,
         "int8": KIVIConfig(8, 8, group_size=32, residual=0),
-        "kivi-4": KIVIConfig(4, 4, group_size=32, residual=128),
-        "kivi-2": KIVIConfig(2, 2, group_size=32, residual=128),
+        "kivi-4": KIVIConfig(4, 4, group_size=32, residual=128, window_dtype=torch.float16),
+        "kivi-2": KIVIConfig(2, 2, group_size=32, residual=128, window_dtype=torch.float16),
     }
     if method in scalar:
-        return lambda: hf_cache(num_layers, scalar[method].make_layer), 0
+        make = FullPrecisionLayerCache if method == "fp" else scalar[method].make_layer
+        return lambda: hf_cache(num_layers, make), 0
+    pre_rope = method.endswith("-pre")
+    rotary = hf_rotary(model) if pre_rope else None
+
+    def wrap(cache):
+        """Pre-RoPE variants: keys before RoPE, the first token in full precision."""
+        return PreRoPELayerCache(DenseAndSparseLayerCache(cache, sink_tokens=1), rotary) if pre_rope else cache
+
     if method.startswith("cq-"):
-        config = CQConfig(channels=4 if method == "cq-2" else 8, bits=8)
-        books = [CoupledCodebooks.fit(k, v, config) for k, v in calibration]
-        return lambda: _per_layer(num_layers, [CQLayerCache(b) for b in books]), sum(b.stored_bits() for b in books)
+        bits = int(method.split("-")[1])
+        config = CQConfig(channels=8 // bits, bits=8, num_iters=args.kmeans_iters)
+        books = [CoupledCodebooks.fit(*calibration_kv(calibration, i, pre_rope), config) for i in range(num_layers)]
+        shared = sum(b.stored_bits() for b in books)
+        return lambda: hf_cache([wrap(CQLayerCache(b)) for b in books]), shared
     if method.startswith("rvq-"):
-        levels = head_dim * int(method[-1]) // 8  # 8-bit codes: levels * 8 bits over head_dim elements
+        levels = head_dim * int(method.split("-")[1]) // 8  # 8-bit codes: levels * 8 bits over head_dim elements
         quantizers = [
             [
                 calibrate_quantizer("rvq", x.reshape(-1, head_dim), num_quantizers=levels, codebook_size=256)
-                for x in (keys, values)
+                for x in calibration_kv(calibration, i, pre_rope)
             ]
-            for keys, values in calibration
+            for i in range(num_layers)
         ]
-        shared = 16 * 2 * len(quantizers) * levels * 256 * head_dim
-        return lambda: _per_layer(num_layers, [QuantizerLayerCache(*pair) for pair in quantizers]), shared
+        shared = 16 * 2 * num_layers * levels * 256 * head_dim
+        return lambda: hf_cache([wrap(QuantizerLayerCache(*q)) for q in quantizers]), shared
+    if method.startswith("kvtok-"):
+        tokenizer = train_kv_tokenizer(calibration, model, int(method.split("-")[1]), args)
+        shared = 16 * sum(p.numel() for p in tokenizer.parameters())
+        shared += 16 * sum(b.numel() for n, b in tokenizer.named_buffers() if n.endswith("embed"))
+        return lambda: hf_cache(tokenizer.layer_caches(hf_rotary(model), sink_tokens=1)), shared
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def _per_layer(num_layers: int, caches: list):
-    layers = iter(caches)
-    return hf_cache(num_layers, lambda: next(layers))
+def train_kv_tokenizer(calibration: dict, model, bits: int, args):
+    """A KV tokenizer (RVQ codecs, keys before RoPE) trained with the attention-output loss on the calibration."""
+    import lightning as L
+
+    from tokenizers_q.trainers import KVActivationDataModule, KVTokenizerModule
+
+    levels = model.config.head_dim * bits // 8
+    data = KVActivationDataModule(calibration, window=args.window, val_sequences=1, batch_size=4)
+    module = KVTokenizerModule(
+        num_layers=model.config.num_hidden_layers,
+        head_dim=model.config.head_dim,
+        quantizer_kwargs={"num_quantizers": levels, "codebook_size": 256},
+    )
+    trainer = L.Trainer(
+        max_steps=args.train_steps,
+        logger=L.pytorch.loggers.CSVLogger("runs/bench_kv", name=f"kvtok-{bits}"),
+        enable_checkpointing=False,
+        val_check_interval=min(50, args.train_steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    module.calibrate(calibration)
+    trainer.fit(module, data)
+    print({"kvtok": bits, **{k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()}}, flush=True)
+    return module.eval()
 
 
 def main() -> None:
@@ -157,25 +190,27 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=2, help="held-out sequences")
     parser.add_argument("--length", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--chunk", type=int, default=32, help="tokens fed per forward pass")
-    parser.add_argument("--calibration", type=int, default=2, help="calibration sequences (other files)")
+    parser.add_argument("--calibration", type=int, default=16, help="calibration sequences (other files)")
+    parser.add_argument("--kmeans-iters", type=int, default=20, help="CQ k-means iterations")
+    parser.add_argument("--window", type=int, default=128, help="KV tokenizer training window (tokens)")
+    parser.add_argument("--train-steps", type=int, default=200, help="KV tokenizer training steps")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     tokenizer, model = load_model()
-    num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
+    num_layers = model.config.num_hidden_layers
     held_out = stdlib_tokens(tokenizer, skip=100, count=args.sequences, length=args.length)
     calibration = None
-    if any(m.startswith(("cq-", "rvq-")) for m in args.methods):
-        calibration = calibration_kv(
-            model, stdlib_tokens(tokenizer, skip=0, count=args.calibration, length=args.length)
-        )
+    if any(m.startswith(("cq-", "rvq-", "kvtok-")) for m in args.methods):
+        calibration_ids = stdlib_tokens(tokenizer, skip=0, count=args.calibration, length=args.length)
+        calibration = collect_attention_inputs(model, calibration_ids)
     recorder = AttentionRecorder(model)
 
     reference = [run_sequence(model, ids, hf_cache(num_layers), args.chunk, recorder) for ids in held_out]
     rows = []
     for method in args.methods:
         start = time.perf_counter()
-        make, shared_bits = cache_factory(method, num_layers, calibration, head_dim)
+        make, shared_bits = cache_factory(method, calibration, model, args)
         nll, agree, tokens, errors, bits = 0.0, 0, 0, [], []
         for ids, (ref_logits, ref_attention) in zip(held_out, reference):
             cache = make()

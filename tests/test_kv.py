@@ -133,8 +133,10 @@ def test_hugging_face_generation_through_a_library_cache():
     assert not torch.equal(model.generate(ids, past_key_values=kivi1, **options), reference)
     # 51 tokens: 48 in three 1-bit groups (+ 32 bits of scale and offset per 16 elements), 3 in the float32 window
     assert kivi1.bits_per_element() == pytest.approx((48 * (1 + 32 / 16) + 3 * 32) / 51)
-    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+    with pytest.raises(ValueError, match="layers must be a positive int or a sequence of LayerCache, got 0"):
         hf_cache(0)
+    with pytest.raises(ValueError, match="layers must be a non-empty sequence of LayerCache"):
+        hf_cache([object()])
 
 
 def correlated_kv(tokens: int, seed: int, heads: int = 2, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers_q.kv import LayerCache, PreRoPELayerCache, QuantizerLayerCache, apply_rotary
+from tokenizers_q.kv import (
+    DenseAndSparseLayerCache,
+    LayerCache,
+    PreRoPELayerCache,
+    QuantizerLayerCache,
+    apply_rotary,
+)
 from tokenizers_q.kv.rope import Rotary
 from tokenizers_q.models.kv_codec import KVCodec
 from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
+from tokenizers_q.trainers.kv_data import check_attention_inputs
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -85,14 +92,44 @@ class KVTokenizerModule(L.LightningModule):
         """Code bits per key or value element (shared codecs not counted)."""
         return self.key_codecs[0].spec.bits_per_token / self.hparams.head_dim
 
-    def layer_caches(self, rotary: Rotary | None = None) -> list[LayerCache]:
-        """Fresh caches storing each layer's keys and values as this tokenizer's codes, in layer order;
-        ``rotary`` (e.g. ``tokenizers_q.kv.hf.hf_rotary(model)``) is needed when keys are coded before RoPE."""
+    @torch.no_grad()
+    def calibrate(self, activations: dict, passes: int = 2) -> None:
+        """Fit every codec to all recorded keys and values at once before training: its quantizer's k-means
+        initialisation on the first pass, EMA updates on the ``passes - 1`` others.
+
+        Shapes:
+            - activations: from :func:`~tokenizers_q.trainers.collect_attention_inputs`
+        """
+        check_attention_inputs(activations)
+        keys, values = activations["keys"], activations["values"]
+        if keys.shape[1] != self.hparams.num_layers or keys.shape[-1] != self.hparams.head_dim:
+            raise ValueError(
+                f"this tokenizer has {self.hparams.num_layers} layers of head_dim {self.hparams.head_dim}, "
+                f"got activations of {keys.shape[1]} layers of head_dim {keys.shape[-1]}"
+            )
+        self.train()
+        for layer in range(self.hparams.num_layers):
+            k = keys[:, layer].float()
+            if not self.hparams.pre_rope:
+                k = apply_rotary(k, activations["cos"], activations["sin"])
+            for codec, x in ((self.key_codecs[layer], k), (self.value_codecs[layer], values[:, layer].float())):
+                for _ in range(passes):
+                    codec(x.reshape(-1, x.shape[-1]))
+
+    def layer_caches(self, rotary: Rotary | None = None, sink_tokens: int = 0) -> list[LayerCache]:
+        """Fresh caches storing each layer's keys and values as this tokenizer's codes, in layer order, with the
+        first ``sink_tokens`` tokens in full precision; ``rotary`` (e.g. ``tokenizers_q.kv.hf.hf_rotary(model)``)
+        is needed when keys are coded before RoPE."""
         if self.hparams.pre_rope and rotary is None:
             raise ValueError("this tokenizer codes keys before RoPE: pass the model's rotary tables (hf_rotary)")
         self.eval()
-        caches = [QuantizerLayerCache(k, v) for k, v in zip(self.key_codecs, self.value_codecs)]
-        return [PreRoPELayerCache(c, rotary) for c in caches] if self.hparams.pre_rope else caches
+        caches = []
+        for key_codec, value_codec in zip(self.key_codecs, self.value_codecs):
+            cache = QuantizerLayerCache(key_codec, value_codec)
+            if sink_tokens:
+                cache = DenseAndSparseLayerCache(cache, sink_tokens=sink_tokens)
+            caches.append(PreRoPELayerCache(cache, rotary) if self.hparams.pre_rope else cache)
+        return caches
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         hp = self.hparams

@@ -12,7 +12,7 @@ Needs the optional extra ``hf`` (``pip install "tokenizers_q[hf]"``)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -75,8 +75,15 @@ def hf_rotary(model) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
     return tables
 
 
-def hf_cache(num_layers: int, make_layer: Callable[[], LayerCache] = FullPrecisionLayerCache) -> HFKVCache:
-    """An empty ``transformers`` cache of ``num_layers`` library layer caches, for ``past_key_values=``."""
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    return HFKVCache(layers=[HFCacheLayer(make_layer()) for _ in range(num_layers)])
+def hf_cache(
+    layers: int | Sequence[LayerCache], make_layer: Callable[[], LayerCache] = FullPrecisionLayerCache
+) -> HFKVCache:
+    """An empty ``transformers`` cache for ``past_key_values=``: ``layers`` library layer caches made by
+    ``make_layer``, or the given layer caches in layer order (e.g. ``KVTokenizerModule.layer_caches``)."""
+    if isinstance(layers, Sequence):
+        if not layers or not all(isinstance(layer, LayerCache) for layer in layers):
+            raise ValueError(f"layers must be a non-empty sequence of LayerCache, got {layers!r}")
+        return HFKVCache(layers=[HFCacheLayer(layer) for layer in layers])
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"layers must be a positive int or a sequence of LayerCache, got {layers!r}")
+    return HFKVCache(layers=[HFCacheLayer(make_layer()) for _ in range(layers)])
