@@ -38,11 +38,12 @@ from tokenizers_q.kv import (
     QuantizerLayerCache,
     apply_rotary,
     calibrate_quantizer,
+    outlier_bounds,
 )
 from tokenizers_q.kv.hf import hf_cache, hf_rotary
 from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
-SCALAR = ("fp", "int8", "kivi-4", "kivi-2")
+SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
 CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")
 METHODS = SCALAR + CODEBOOKS
 
@@ -105,12 +106,14 @@ def run_sequence(model, ids: torch.Tensor, cache, chunk: int, recorder: Attentio
     return torch.cat(logits), recorder.take()
 
 
-def calibration_kv(calibration: dict, layer: int, pre_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's calibration keys (before or after RoPE) and values (S, H, T - 1, D), the sink token left out."""
+def calibration_kv(calibration: dict, layer: int, pre_rope: bool) -> tuple[torch.Tensor, ...]:
+    """One layer's calibration keys (before or after RoPE) and values (S, H, T - 1, D), and their Fisher
+    information (S, H, T - 1), the sink token left out."""
     keys, values = calibration["keys"][:, layer].float(), calibration["values"][:, layer].float()
     if not pre_rope:
         keys = apply_rotary(keys, calibration["cos"], calibration["sin"])
-    return keys[:, :, 1:], values[:, :, 1:]
+    fisher = [calibration[f"{name}_fisher"][:, layer, :, 1:] for name in ("key", "value")]
+    return keys[:, :, 1:], values[:, :, 1:], *fisher
 
 
 def cache_factory(method: str, calibration: dict | None, model, args):
@@ -128,14 +131,27 @@ def cache_factory(method: str, calibration: dict | None, model, args):
     pre_rope = method.endswith("-pre")
     rotary = hf_rotary(model) if pre_rope else None
 
-    def wrap(cache):
-        """Pre-RoPE variants: keys before RoPE, the first token in full precision."""
-        return PreRoPELayerCache(DenseAndSparseLayerCache(cache, sink_tokens=1), rotary) if pre_rope else cache
+    def wrap(cache, **sparse):
+        """Pre-RoPE variants: keys before RoPE, the first token in full precision (and outliers, if bounds)."""
+        return PreRoPELayerCache(DenseAndSparseLayerCache(cache, 1, **sparse), rotary) if pre_rope else cache
 
+    if method == "kivi-2-pre":  # KVQuant's options on KIVI-2: keys before RoPE, sink, 1% sparse outliers
+        config = KIVIConfig(2, 2, group_size=32, residual=32, window_dtype=torch.float16)
+        layer_kv = (calibration_kv(calibration, i, True)[:2] for i in range(num_layers))
+        bounds = [[outlier_bounds(x, 0.01) for x in kv] for kv in layer_kv]
+
+        def make():
+            return hf_cache([wrap(config.make_layer(), key_bounds=k, value_bounds=v) for k, v in bounds])
+
+        return make, 0
     if method.startswith("cq-"):
         bits = int(method.split("-")[1])
         config = CQConfig(channels=8 // bits, bits=8, num_iters=args.kmeans_iters)
-        books = [CoupledCodebooks.fit(*calibration_kv(calibration, i, pre_rope), config) for i in range(num_layers)]
+        books = []
+        for i in range(num_layers):
+            keys, values, key_fisher, value_fisher = calibration_kv(calibration, i, pre_rope)
+            weights = (key_fisher, value_fisher) if pre_rope else (None, None)  # Fisher weights: -pre
+            books.append(CoupledCodebooks.fit(keys, values, config, *weights))
         shared = sum(b.stored_bits() for b in books)
         return lambda: hf_cache([wrap(CQLayerCache(b)) for b in books]), shared
     if method.startswith("rvq-"):
@@ -143,7 +159,7 @@ def cache_factory(method: str, calibration: dict | None, model, args):
         quantizers = [
             [
                 calibrate_quantizer("rvq", x.reshape(-1, head_dim), num_quantizers=levels, codebook_size=256)
-                for x in calibration_kv(calibration, i, pre_rope)
+                for x in calibration_kv(calibration, i, pre_rope)[:2]
             ]
             for i in range(num_layers)
         ]
@@ -201,9 +217,9 @@ def main() -> None:
     num_layers = model.config.num_hidden_layers
     held_out = stdlib_tokens(tokenizer, skip=100, count=args.sequences, length=args.length)
     calibration = None
-    if any(m.startswith(("cq-", "rvq-", "kvtok-")) for m in args.methods):
+    if any(m.startswith(("cq-", "rvq-", "kvtok-")) or m.endswith("-pre") for m in args.methods):
         calibration_ids = stdlib_tokens(tokenizer, skip=0, count=args.calibration, length=args.length)
-        calibration = collect_attention_inputs(model, calibration_ids)
+        calibration = collect_attention_inputs(model, calibration_ids, fisher=True)
     recorder = AttentionRecorder(model)
 
     reference = [run_sequence(model, ids, hf_cache(num_layers), args.chunk, recorder) for ids in held_out]

@@ -19,16 +19,20 @@ from tokenizers_q.trainers.data import SplitDataModule
 ACTIVATIONS = ("queries", "keys", "values")
 
 
-@torch.no_grad()
-def collect_attention_inputs(model, sequences: list[torch.Tensor], path: str | Path | None = None) -> dict:
+def collect_attention_inputs(
+    model, sequences: list[torch.Tensor], path: str | Path | None = None, fisher: bool = False
+) -> dict:
     """Pre-RoPE queries and keys, values and the rotary tables of every layer over ``sequences``.
 
-    Every sequence must have the same length T. With ``path`` the result is also written
-    there (atomically) for :class:`KVActivationDataModule`.
+    Every sequence must have the same length T. With ``fisher`` also the diagonal Fisher
+    information of each key and value vector (the squared gradient of the language-model
+    loss, summed over channels), as weights for k-means (CQ). With ``path`` the result is also
+    written there (atomically) for :class:`KVActivationDataModule`.
 
     Shapes:
         - sequences: each (T,) token ids
         - queries: (S, L, H_q, T, D) float16; keys, values: (S, L, H_kv, T, D) float16
+        - key_fisher, value_fisher (with ``fisher``): (S, L, H_kv, T) float32
         - cos, sin: (T, D) float32, the rotary angles of positions 0..T-1
     """
     if not sequences or any(s.dim() != 1 or len(s) != len(sequences[0]) for s in sequences):
@@ -36,28 +40,47 @@ def collect_attention_inputs(model, sequences: list[torch.Tensor], path: str | P
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError(f"{type(model).__name__} has no decoder layers with self_attn (model.model.layers)")
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else None
-    head_dim = head_dim or model.config.hidden_size // model.config.num_attention_heads
-    recorded: dict[str, list[list[torch.Tensor]]] = {name: [] for name in ACTIVATIONS}
-    handles = []
-    for layer in layers:
-        for name, projection in zip(ACTIVATIONS, ("q_proj", "k_proj", "v_proj")):
-            per_layer: list[torch.Tensor] = []
-            recorded[name].append(per_layer)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    names = ACTIVATIONS + (("key_fisher", "value_fisher") if fisher else ())
+    recorded: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in layers] for name in names}
 
-            def keep(module, args, output, store=per_layer):
-                batch, tokens, _ = output.shape
-                store.append(output.reshape(batch, tokens, -1, head_dim).transpose(1, 2).to(torch.float16).cpu())
+    def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, H * D) -> (B, H, T, D)
+        return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
-            handles.append(getattr(layer.self_attn, projection).register_forward_hook(keep))
+    def hook(name: str, index: int):
+        def keep(module, args, output):
+            recorded[name][index].append(heads(output.detach()).to(torch.float16).cpu())
+            if fisher and name != "queries":
+                store = recorded[f"{name[:-1]}_fisher"][index]
+                output.register_hook(lambda grad: store.append(heads(grad).float().pow(2).sum(-1).cpu()))
+
+        return keep
+
+    handles = [
+        getattr(layer.self_attn, projection).register_forward_hook(hook(name, i))
+        for i, layer in enumerate(layers)
+        for name, projection in zip(ACTIVATIONS, ("q_proj", "k_proj", "v_proj"))
+    ]
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         for ids in sequences:
-            model(ids[None].to(model.device), use_cache=False)
+            ids = ids[None].to(model.device)
+            if not fisher:
+                with torch.no_grad():
+                    model(ids, use_cache=False)
+                continue
+            embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
+            model(inputs_embeds=embeddings, labels=ids, use_cache=False).loss.backward()
     finally:
         for handle in handles:
             handle.remove()
-    cos, sin = hf_rotary(model)(torch.arange(len(sequences[0]), device=model.device))
-    data = {name: torch.stack([torch.cat(per_layer) for per_layer in recorded[name]], 1) for name in ACTIVATIONS}
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        cos, sin = hf_rotary(model)(torch.arange(len(sequences[0]), device=model.device))
+    data = {name: torch.stack([torch.cat(per_layer) for per_layer in recorded[name]], 1) for name in names}
     data.update(cos=cos.float().cpu(), sin=sin.float().cpu())
     if path is not None:
         atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
@@ -151,6 +174,14 @@ class KVActivationDataModule(SplitDataModule):
         _, layers, query_heads, _, dim = self.data["queries"].shape
         kv_heads = self.data["keys"].shape[2]
         return {"num_layers": layers, "query_heads": query_heads, "kv_heads": kv_heads, "head_dim": dim}
+
+    def activations(self, split: str = "train") -> dict:
+        """The recorded activations of one split's sequences (e.g. for ``KVTokenizerModule.calibrate``)."""
+        self.setup()
+        if split not in self.splits:
+            raise ValueError(f"no {split} sequences: choose from {sorted(self.splits)}")
+        sequences = sorted({s for s, _ in self.splits[split].items})
+        return {k: v if k in ("cos", "sin") else v[sequences] for k, v in self.data.items()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
