@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tokenizers_q.files import atomic_write
 from tokenizers_q.models.feature_classifier import WEIGHTS, FeatureClassifier
-from tokenizers_q.trainers.callbacks import atomic_write
 from tokenizers_q.trainers.data import ImageDataModule
 
 

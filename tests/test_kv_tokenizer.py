@@ -7,8 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tokenizers_q.kv import QuantizerLayerCache, apply_rotary  # noqa: E402
-from tokenizers_q.kv.hf import hf_cache  # noqa: E402
-from tokenizers_q.kv.hf import hf_rotary  # noqa: E402
+from tokenizers_q.kv.hf import hf_cache, hf_rotary  # noqa: E402
 from tokenizers_q.models import KVCodec  # noqa: E402
 from tokenizers_q.trainers import (  # noqa: E402
     KVActivationDataModule,

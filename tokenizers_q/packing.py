@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from tokenizers_q.files import atomic_write
 
 FORMAT = "tokenizers_q.tokens"
 VERSION = 1
@@ -221,16 +222,7 @@ def save_tokens(
         raise TypeError(f"metadata must be JSON-serialisable: {err}") from None
     tensors = {_CODES_KEY: pack_codes(codes, spec)}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extras.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_HEADER_KEY: header_text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_HEADER_KEY: header_text}))
 
 
 def load_tokens(path: str | os.PathLike, expected_spec: TokenSpec | None = None) -> TokenFile:

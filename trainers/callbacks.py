@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from tokenizers_q.files import atomic_write
+
 
 def run_dir(trainer: L.Trainer) -> Path:
     """The folder of this run: the logger's version folder, else the trainer's root."""
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename into ``path``: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:

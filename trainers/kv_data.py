@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from tokenizers_q.files import atomic_write
 from tokenizers_q.kv.hf import hf_rotary
-from tokenizers_q.trainers.callbacks import atomic_write
 from tokenizers_q.trainers.data import SplitDataModule
 
 ACTIVATIONS = ("queries", "keys", "values")
