@@ -1,0 +1,84 @@
+"""The weight-quantization config contract: frozen dataclasses that quantize and dequantize one weight matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
+
+_CONFIGS: dict[str, type[WeightQuantConfig]] = {}
+
+
+def register_weight_config(name: str):
+    """Class decorator: makes a config loadable by :meth:`WeightQuantConfig.from_dict` under ``name``."""
+
+    def add(cls: type[WeightQuantConfig]) -> type[WeightQuantConfig]:
+        if name in _CONFIGS:
+            raise ValueError(f"weight config name {name!r} is already registered by {_CONFIGS[name].__name__}")
+        cls.method = name
+        _CONFIGS[name] = cls
+        return cls
+
+    return add
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantConfig:
+    """Base of the weight-quantization methods.
+
+    A method turns a weight matrix (rows: output channels or embedding rows) into a
+    dict of stored tensors (packed codes, float16 scales or codebooks) and back.
+    Every stored byte counts towards ``bits_per_weight``.
+    """
+
+    method: ClassVar[str] = ""
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether :meth:`quantize` needs the input second moments ``H = X^T X`` of calibration batches."""
+        return False
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Stored tensors of ``weight`` (out, in); ``hessian`` (in, in) when :attr:`needs_hessian`."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The float32 weight (out, in) of stored tensors."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict) -> WeightQuantConfig:
+        if not isinstance(data, dict) or data.get("method") not in _CONFIGS:
+            raise ValueError(f"unknown weight config {data!r}; methods: {', '.join(sorted(_CONFIGS))}")
+        fields = {k: v for k, v in data.items() if k != "method"}
+        return _CONFIGS[data["method"]](**fields)
+
+
+def check_bits(bits, low: int = 1, high: int = 8) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
+        raise ValueError(f"bits must be an int in [{low}, {high}], got {bits!r}")
+
+
+def check_weight(weight: torch.Tensor, hessian: torch.Tensor | None, needs_hessian: bool) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise ValueError(f"expected a float weight matrix (out, in), got {getattr(weight, 'shape', weight)!r}")
+    if needs_hessian and hessian is None:
+        raise ValueError("this config needs calibration data: pass calibration batches to quantize_")
+    if hessian is not None and hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
+
+
+def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels in ``[0, 2^bits)`` packed ``bits`` bits each into a 1-d uint8 tensor."""
+    return pack_codes(levels.reshape(-1, 1).long(), TokenSpec((2**bits,)))
+
+
+def unpack_levels(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_levels` (int64 levels of ``shape``)."""
+    return unpack_codes(packed.cpu(), TokenSpec((2**bits,)), (*shape, 1)).reshape(shape).to(packed.device)

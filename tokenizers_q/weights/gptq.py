@@ -1,0 +1,77 @@
+"""Error compensation with calibration data (GPTQ, Frantar et al., 2023) and the input statistics it needs.
+
+Columns of a weight matrix are quantized one at a time; the error each column
+makes is spread over the columns not yet quantized, weighted by the inverse of
+``H = X^T X`` (the second moments of the layer's inputs), so that the layer's
+outputs on the calibration inputs change as little as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+#: ``quantize_column(column, index, pending) -> dequantized column``; ``pending`` (out, n) holds the
+#: current (compensated) values of this column and the next ones of its block, for group statistics
+ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+class HessianAccumulator:
+    """``H = sum_i x_i x_i^T / N`` over every input row a linear or embedding layer sees.
+
+    Shapes:
+        - inputs: (..., in_features); hessian: (in_features, in_features) float32
+    """
+
+    def __init__(self, in_features: int):
+        self.hessian = torch.zeros(in_features, in_features)
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.hessian = self.hessian.to(rows.device)
+        total = self.count + rows.shape[0]
+        self.hessian.mul_(self.count / total).addmm_(rows.T, rows, alpha=1 / total)
+        self.count = total
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_column: ColumnQuantizer,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Quantize ``weight`` column by column with GPTQ error compensation; returns the dequantized weight.
+
+    Args:
+        weight: (out, in) float weights.
+        hessian: (in, in) input second moments.
+        quantize_column: rounds one (compensated) column, see :data:`ColumnQuantizer`; it records its codes.
+        block_size: columns updated together (lazy batch updates); groups must not straddle blocks.
+        damp: added to the diagonal, as a fraction of its mean (numerical stability).
+    """
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+    w = weight.detach().clone().float()
+    h = hessian.detach().clone().float().to(w.device)
+    columns = w.shape[1]
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(w)
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        block, errors = w[:, start:stop].clone(), torch.zeros(w.shape[0], stop - start, device=w.device)
+        block_inverse = inverse[start:stop, start:stop]
+        for j in range(stop - start):
+            q = quantize_column(block[:, j], start + j, block[:, j:])
+            out[:, start + j] = q
+            error = (block[:, j] - q) / block_inverse[j, j]
+            block[:, j:] -= error[:, None] * block_inverse[j, j:][None]
+            errors[:, j] = error
+        w[:, stop:] -= errors @ inverse[start:stop, stop:]
+    return out

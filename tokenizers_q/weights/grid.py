@@ -1,0 +1,117 @@
+"""Integer-grid weights: abs-max (symmetric) or min-max (asymmetric), per tensor, output channel or input group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenizers_q.grids import GridCodes, dequantize_grid, quantize_grid
+from tokenizers_q.weights.config import (
+    WeightQuantConfig,
+    check_bits,
+    check_weight,
+    pack_levels,
+    register_weight_config,
+    unpack_levels,
+)
+from tokenizers_q.weights.gptq import gptq
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+@register_weight_config("int")
+@dataclass(frozen=True)
+class IntGridConfig(WeightQuantConfig):
+    r"""Round weights to a ``bits``-bit integer grid.
+
+    Args:
+        bits: 2..8. Default: 4.
+        granularity: one scale per ``"tensor"``, per output ``"channel"``, or per ``"group"`` of
+            ``group_size`` consecutive input channels. Default: ``"group"``.
+        group_size: input channels per group (must divide the input width). Default: 128.
+        symmetric: abs-max grid centred on zero (else min-max with an offset). Default: True.
+        gptq: GPTQ error compensation with calibration data. Default: False.
+    """
+
+    bits: int = 4
+    granularity: str = "group"
+    group_size: int = 128
+    symmetric: bool = True
+    gptq: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits, 2, 8)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.gptq
+
+    def _group(self, weight: torch.Tensor) -> int:
+        columns = weight.shape[1]
+        if self.granularity == "group":
+            if columns % self.group_size:
+                raise ValueError(f"group_size {self.group_size} must divide the input width {columns}")
+            return self.group_size
+        return columns
+
+    def quantize(self, weight, hessian=None):
+        check_weight(weight, hessian, self.needs_hessian)
+        weight = weight.float()
+        rows = weight.reshape(1, -1) if self.granularity == "tensor" else weight
+        if not self.gptq:
+            codes = quantize_grid(rows, self.bits, axis=1, group_size=self._group(rows), symmetric=self.symmetric)
+            return self._tensors(codes)
+        group = self._group(weight)
+        if self.granularity == "tensor":  # one scale, from the weights before compensation
+            whole = quantize_grid(rows, self.bits, axis=1, symmetric=self.symmetric)
+        levels = torch.zeros(weight.shape, dtype=torch.uint8)
+        scales, offsets = [], []
+        state = {}
+
+        def column(values: torch.Tensor, index: int, pending: torch.Tensor) -> torch.Tensor:
+            if index % group == 0:  # the group's scale from its compensated values so far
+                if self.granularity == "tensor":
+                    state["codes"] = whole
+                else:
+                    state["codes"] = quantize_grid(pending[:, :group], self.bits, axis=1, symmetric=self.symmetric)
+                    scales.append(state["codes"].scale)
+                    offsets.append(state["codes"].offset)
+            codes = state["codes"]
+            scale, offset = codes.scale.float().reshape(-1), codes.offset
+            half = 2 ** (self.bits - 1) - 1
+            if self.symmetric:
+                level = torch.round(values / scale).clamp(-half, half) + half
+                dequantized = (level - half) * scale
+            else:
+                offset = offset.float().reshape(-1)
+                level = torch.round((values - offset) / scale).clamp(0, 2**self.bits - 1)
+                dequantized = level * scale + offset
+            levels[:, index] = level.to(torch.uint8).cpu()
+            return dequantized
+
+        gptq(weight, hessian, column, block_size=group * max(1, 128 // group))
+        if self.granularity == "tensor":
+            scale, offset = whole.scale, whole.offset
+            levels = levels.reshape(1, -1)
+        else:
+            scale = torch.cat(scales, 1)
+            offset = None if self.symmetric else torch.cat(offsets, 1)
+        return self._tensors(GridCodes(levels, scale, offset, self.bits, 1, group))
+
+    def _tensors(self, codes: GridCodes) -> dict[str, torch.Tensor]:
+        tensors = {"codes": pack_levels(codes.levels, self.bits), "scale": codes.scale}
+        if codes.offset is not None:
+            tensors["offset"] = codes.offset
+        return tensors
+
+    def dequantize(self, tensors, shape):
+        rows = (1, shape[0] * shape[1]) if self.granularity == "tensor" else tuple(shape)
+        group = rows[1] if self.granularity != "group" else self.group_size
+        levels = unpack_levels(tensors["codes"], self.bits, rows)
+        codes = GridCodes(levels, tensors["scale"], tensors.get("offset"), self.bits, 1, group)
+        return dequantize_grid(codes).reshape(shape)

@@ -1,0 +1,84 @@
+"""Modules holding quantized weights: codes plus scales or codebooks, dequantized for the matmul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenizers_q.weights.config import WeightQuantConfig
+
+
+class QuantizedWeight(nn.Module):
+    r"""Base: the stored tensors of one weight matrix as buffers, and their dequantization.
+
+    Args:
+        shape: (rows, columns) of the original weight.
+        config: the method that made ``tensors``.
+        tensors: packed codes and float16 tables (every one counts in :meth:`bits_per_weight`).
+        cache_weight: keep the dequantized weight after the first use (faster, uses its memory). Default: False.
+    """
+
+    def __init__(
+        self, shape: tuple[int, int], config: WeightQuantConfig, tensors: dict[str, torch.Tensor], cache_weight=False
+    ):
+        super().__init__()
+        self.shape, self.config, self.cache_weight = tuple(shape), config, cache_weight
+        self.stored = list(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self._cached: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (rows, columns)."""
+        if self._cached is not None:
+            return self._cached
+        weight = self.config.dequantize({n: getattr(self, n) for n in self.stored}, self.shape)
+        if self.cache_weight:
+            self._cached = weight
+        return weight
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cached = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit (codes, scales, offsets, codebooks) over the number of weights; no bias."""
+        stored = sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8 for n in self.stored)
+        return stored / (self.shape[0] * self.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, method={self.config.method}, bits_per_weight={self.bits_per_weight():.3f}"
+
+
+class QuantizedLinear(QuantizedWeight):
+    """A quantized ``nn.Linear``: ``y = x W^T + b`` with ``W`` dequantized from its codes.
+
+    Shapes:
+        - input: (*, in_features); output: (*, out_features)
+    """
+
+    def __init__(self, shape, config, tensors, bias: torch.Tensor | None = None, cache_weight: bool = False):
+        super().__init__(shape, config, tensors, cache_weight)
+        self.out_features, self.in_features = self.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized().to(x.device, x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantizedEmbedding(QuantizedWeight):
+    """A quantized ``nn.Embedding`` (rows are the embedding vectors).
+
+    Shapes:
+        - input: (*) int64 ids; output: (*, embedding_dim)
+    """
+
+    def __init__(self, shape, config, tensors, padding_idx: int | None = None, cache_weight: bool = False):
+        super().__init__(shape, config, tensors, cache_weight)
+        self.num_embeddings, self.embedding_dim = self.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantized(), self.padding_idx)
