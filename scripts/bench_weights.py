@@ -44,7 +44,8 @@ OURS = {
     "int4-g128": IntGridConfig(4, group_size=128),
     "nf4": NF4Config(64),
     "int4-g128-gptq": IntGridConfig(4, group_size=128, gptq=True),
-    "int3-g128-gptq": IntGridConfig(3, group_size=128, gptq=True),
+    "int4-g128-asym-gptq": IntGridConfig(4, group_size=128, symmetric=False, gptq=True),
+    "int3-g128-asym-gptq": IntGridConfig(3, group_size=128, symmetric=False, gptq=True),
     "kmeans-3": KMeansConfig(3),
     "kmeans-3-act": KMeansConfig(3, weighting="activation"),
     "kmeans-3-act-gptq": KMeansConfig(3, weighting="activation", gptq=True),
@@ -144,6 +145,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=200, help="held-out docstrings")
     parser.add_argument("--calibration", type=int, default=128, help="calibration docstrings (other files)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--parallel", dest="sequential", action="store_false", help="input statistics from the fp32 model only"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -169,7 +173,8 @@ def main() -> None:
         start = time.perf_counter()
         try:
             if method in OURS:
-                quantize_(candidate, OURS[method], calibration=calibration, progress=False, verbose=False)
+                options = dict(calibration=calibration, sequential=args.sequential, progress=False, verbose=False)
+                quantize_(candidate, OURS[method], **options)
                 bits = model_bits_per_weight(candidate)
             elif method in ANCHORS:
                 bits = anchor_bits(method, candidate)

@@ -249,3 +249,16 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, path)
     assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_sequential_statistics_see_the_quantized_layers_before():
+    batches = calibration()
+    outputs = {}
+    for sequential in (False, True):
+        model = mlp()
+        reference = model(batches[0]).detach()
+        quantize_(
+            model, IntGridConfig(2, group_size=32, gptq=True), calibration=batches, sequential=sequential, verbose=False
+        )
+        outputs[sequential] = (model(batches[0]) - reference).norm().item()
+    assert outputs[True] != outputs[False] and outputs[True] < outputs[False] * 1.05

@@ -74,6 +74,7 @@ def quantize_(
     calibration: Iterable | None = None,
     run: Callable = _run,
     cache_weight: bool = False,
+    sequential: bool = False,
     progress: bool = True,
     verbose: bool = True,
 ) -> list[dict]:
@@ -90,6 +91,9 @@ def quantize_(
         calibration: batches for methods that need input statistics (GPTQ, activation
             weighting, codebook refinement), fed by ``run(model, batch)``.
         cache_weight: keep dequantized weights after first use. Default: False.
+        sequential: collect each module's input statistics just before quantizing it, with the
+            modules before it already quantized (as GPTQ does; one calibration pass per module),
+            instead of once from the full-precision model. Default: False.
         progress, verbose: a progress bar; print the summary table. Defaults: True.
 
     Returns:
@@ -116,10 +120,12 @@ def quantize_(
         raise ValueError(f"{needing[0]} uses a config that needs calibration batches: pass calibration=")
     if any(isinstance(m, nn.Embedding) for n, m, c in plan if n in needing):
         raise ValueError("embedding tables take no calibration-based method (GPTQ, weighting, refinement)")
-    hessians = collect_hessians(model, needing, calibration, run) if needing else {}
+    hessians = collect_hessians(model, needing, calibration, run) if needing and not sequential else {}
     rows = []
     for name, module, chosen in tqdm(plan, desc="quantize", disable=not progress):
         weight = module.weight.detach().float()
+        if sequential and name in needing:
+            hessians = collect_hessians(model, [name], calibration, run)
         tensors = chosen.quantize(weight, hessians.get(name))
         if isinstance(module, nn.Linear):
             new = QuantizedLinear(tuple(weight.shape), chosen, tensors, module.bias, cache_weight)
