@@ -194,7 +194,7 @@ def train_kv_tokenizer(calibration: dict, model, bits: int, args):
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
     )
-    module.calibrate(calibration)
+    module.calibrate(calibration, passes=1)
     trainer.fit(module, data)
     print({"kvtok": bits, **{k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()}}, flush=True)
     return module.eval()
