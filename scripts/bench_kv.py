@@ -8,7 +8,12 @@ SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32 by transformers) reads
 held-out Python standard-library source in chunks of ``--chunk`` tokens; every
 chunk attends to the cache of all earlier tokens, so each method's compressed
 past shapes every prediction. Calibration (CQ, learned codebooks) uses other
-standard-library files. Columns: perplexity and its gap to the full-precision
+standard-library files. Methods: ``int8``/``kivi-*`` integer grids (KIVI, 128-token
+float16 window); ``cq-b`` coupled quantization at b bits per channel; ``rvq-b``
+k-means-calibrated RVQ over head vectors; ``kvtok-b`` the KVTokenizerModule
+(Lightning, attention-output loss); ``-pre`` keys before RoPE and the first token in
+full precision (CQ then also Fisher-weighted; ``kivi-2-pre`` also keeps 1% sparse
+outliers, with a 32-token window). Columns: perplexity and its gap to the full-precision
 cache, teacher-forced greedy agreement with the full-precision predictions, mean
 and worst per-layer relative error of the attention outputs, stored bits per
 element (codes, scales, offsets, full-precision window; shared codebooks listed

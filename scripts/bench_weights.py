@@ -143,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sentences", type=int, default=200, help="held-out docstrings")
-    parser.add_argument("--calibration", type=int, default=128, help="calibration docstrings (other files)")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration docstrings (other files)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--parallel", dest="sequential", action="store_false", help="input statistics from the fp32 model only"
@@ -164,7 +164,12 @@ def main() -> None:
         ]
 
     held_out = batches(docstrings(skip=120, count=args.sentences))
-    calibration = batches(docstrings(skip=0, count=args.calibration))
+    # calibration: consecutive docstrings packed into unpadded 128-token sequences, so no padding enters H
+    packed = tokenizer(" ".join(docstrings(skip=0, count=args.calibration)), return_tensors="pt").input_ids[0]
+    calibration = [
+        {"input_ids": chunk[None], "attention_mask": torch.ones(1, len(chunk), dtype=torch.long)}
+        for chunk in packed.split(128)
+    ]
     reference = embed(model, held_out)
     neighbours = (reference @ reference.T).fill_diagonal_(-2).argmax(1)
     rows = []
