@@ -31,6 +31,7 @@ ALL_CONFIGS = [
     TernaryConfig("channel"),
     KMeansConfig(3),
     KMeansConfig(3, weighting="activation", gptq=True),
+    IntGridConfig(3, group_size=32, symmetric=False, gptq=True, act_order=True),
     VectorCodebookConfig(dim=4, codebook_size=16),
     VectorCodebookConfig(dim=8, codebook_size=16, num_codebooks=2, refine_steps=5),
 ]
@@ -129,6 +130,9 @@ def test_gptq_lowers_the_output_error_on_calibration_inputs():
         (IntGridConfig(3, group_size=32), IntGridConfig(3, group_size=32, gptq=True)),
         (IntGridConfig(3, granularity="channel"), IntGridConfig(3, granularity="channel", gptq=True)),
         (KMeansConfig(2), KMeansConfig(2, gptq=True)),
+        (IntGridConfig(3, group_size=32), IntGridConfig(3, group_size=32, gptq=True, act_order=True)),
+        (IntGridConfig(3, granularity="tensor"), IntGridConfig(3, granularity="tensor", gptq=True, act_order=True)),
+        (KMeansConfig(2), KMeansConfig(2, gptq=True, act_order=True)),
     ]:
         errors = [
             ((inputs @ (roundtrip(c, w, accumulator.hessian) - w).T).norm() / (inputs @ w.T).norm()).item()
@@ -211,6 +215,8 @@ def test_bad_configs_and_inputs_are_reported(tmp_path):
         quantize_(mlp(), IntGridConfig(4, group_size=48), progress=False, verbose=False)
     with pytest.raises(ValueError, match="codebook_size must be a power of two"):
         VectorCodebookConfig(codebook_size=100)
+    with pytest.raises(ValueError, match="act_order orders the columns of GPTQ: set gptq=True"):
+        IntGridConfig(4, act_order=True)
     with pytest.raises(ValueError, match="weighting must be one of"):
         KMeansConfig(weighting="fisher")
     with pytest.raises(ValueError, match="needs calibration batches: pass calibration="):

@@ -42,6 +42,7 @@ def gptq(
     quantize_column: ColumnQuantizer,
     block_size: int = 128,
     damp: float = 0.01,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """Quantize ``weight`` column by column with GPTQ error compensation; returns the dequantized weight.
 
@@ -51,6 +52,10 @@ def gptq(
         quantize_column: rounds one (compensated) column, see :data:`ColumnQuantizer`; it records its codes.
         block_size: columns updated together (lazy batch updates); groups must not straddle blocks.
         damp: added to the diagonal, as a fraction of its mean (numerical stability).
+        act_order: quantize columns in decreasing order of their input energy (``H`` diagonal), so the
+            columns that matter most are rounded while the most columns can still absorb their error.
+            ``quantize_column`` still receives original column indices; its group statistics must then
+            not depend on ``pending`` (static groups).
     """
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp!r}")
@@ -61,6 +66,8 @@ def gptq(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(columns, device=w.device)
+    w, h = w[:, order], h[order][:, order]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(w)
     for start in range(0, columns, block_size):
@@ -68,10 +75,10 @@ def gptq(
         block, errors = w[:, start:stop].clone(), torch.zeros(w.shape[0], stop - start, device=w.device)
         block_inverse = inverse[start:stop, start:stop]
         for j in range(stop - start):
-            q = quantize_column(block[:, j], start + j, block[:, j:])
+            q = quantize_column(block[:, j], int(order[start + j]), block[:, j:])
             out[:, start + j] = q
             error = (block[:, j] - q) / block_inverse[j, j]
             block[:, j:] -= error[:, None] * block_inverse[j, j:][None]
             errors[:, j] = error
         w[:, stop:] -= errors @ inverse[start:stop, stop:]
-    return out
+    return out[:, torch.argsort(order)]

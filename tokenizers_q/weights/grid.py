@@ -32,6 +32,8 @@ class IntGridConfig(WeightQuantConfig):
         group_size: input channels per group (must divide the input width). Default: 128.
         symmetric: abs-max grid centred on zero (else min-max with an offset). Default: True.
         gptq: GPTQ error compensation with calibration data. Default: False.
+        act_order: with ``gptq``, quantize columns by decreasing input energy; group scales are then
+            fixed from the weights before compensation (static groups). Default: False.
     """
 
     bits: int = 4
@@ -39,9 +41,12 @@ class IntGridConfig(WeightQuantConfig):
     group_size: int = 128
     symmetric: bool = True
     gptq: bool = False
+    act_order: bool = False
 
     def __post_init__(self):
         check_bits(self.bits, 2, 8)
+        if self.act_order and not self.gptq:
+            raise ValueError("act_order orders the columns of GPTQ: set gptq=True")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -67,20 +72,23 @@ class IntGridConfig(WeightQuantConfig):
             codes = quantize_grid(rows, self.bits, axis=1, group_size=self._group(rows), symmetric=self.symmetric)
             return self._tensors(codes)
         group = self._group(weight)
-        if self.granularity == "tensor":  # one scale, from the weights before compensation
-            whole = quantize_grid(rows, self.bits, axis=1, symmetric=self.symmetric)
+        # scales fixed from the weights before compensation: one for the tensor, or per group with act_order
+        static = quantize_grid(rows, self.bits, axis=1, group_size=self._group(rows), symmetric=self.symmetric)
         levels = torch.zeros(weight.shape, dtype=torch.uint8)
         scales, offsets = [], []
         state = {}
 
         def column(values: torch.Tensor, index: int, pending: torch.Tensor) -> torch.Tensor:
-            if index % group == 0:  # the group's scale from its compensated values so far
-                if self.granularity == "tensor":
-                    state["codes"] = whole
-                else:
-                    state["codes"] = quantize_grid(pending[:, :group], self.bits, axis=1, symmetric=self.symmetric)
-                    scales.append(state["codes"].scale)
-                    offsets.append(state["codes"].offset)
+            if self.granularity == "tensor":
+                state["codes"] = static
+            elif self.act_order:
+                span = slice(index // group, index // group + 1)
+                offset = None if static.offset is None else static.offset[:, span]
+                state["codes"] = static._replace(scale=static.scale[:, span], offset=offset)
+            elif index % group == 0:  # the group's scale from its compensated values so far
+                state["codes"] = quantize_grid(pending[:, :group], self.bits, axis=1, symmetric=self.symmetric)
+                scales.append(state["codes"].scale)
+                offsets.append(state["codes"].offset)
             codes = state["codes"]
             scale, offset = codes.scale.float().reshape(-1), codes.offset
             half = 2 ** (self.bits - 1) - 1
@@ -94,10 +102,10 @@ class IntGridConfig(WeightQuantConfig):
             levels[:, index] = level.to(torch.uint8).cpu()
             return dequantized
 
-        gptq(weight, hessian, column, block_size=group * max(1, 128 // group))
-        if self.granularity == "tensor":
-            scale, offset = whole.scale, whole.offset
-            levels = levels.reshape(1, -1)
+        gptq(weight, hessian, column, block_size=group * max(1, 128 // group), act_order=self.act_order)
+        if self.granularity == "tensor" or self.act_order:
+            scale, offset = static.scale, static.offset
+            levels = levels.reshape(rows.shape)
         else:
             scale = torch.cat(scales, 1)
             offset = None if self.symmetric else torch.cat(offsets, 1)

@@ -31,6 +31,7 @@ class KMeansConfig(WeightQuantConfig):
             sees on calibration batches (the Hessian diagonal), so columns that matter get
             levels close to them; ``"none"`` for plain k-means. Default: ``"none"``.
         gptq: GPTQ error compensation with calibration data (the levels stay those of k-means). Default: False.
+        act_order: with ``gptq``, quantize columns by decreasing input energy. Default: False.
         num_iters: k-means iterations. Default: 25.
         seed: k-means seeding. Default: 0.
     """
@@ -38,6 +39,7 @@ class KMeansConfig(WeightQuantConfig):
     bits: int = 3
     weighting: str = "none"
     gptq: bool = False
+    act_order: bool = False
     num_iters: int = 25
     seed: int = 0
 
@@ -45,6 +47,8 @@ class KMeansConfig(WeightQuantConfig):
         check_bits(self.bits, 1, 8)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.act_order and not self.gptq:
+            raise ValueError("act_order orders the columns of GPTQ: set gptq=True")
 
     @property
     def needs_hessian(self) -> bool:
@@ -68,7 +72,7 @@ class KMeansConfig(WeightQuantConfig):
                 levels[:, index] = (values[:, None] - levels_of).abs().argmin(1)
                 return levels_of.gather(1, levels[:, index : index + 1])[:, 0]
 
-            gptq(weight, hessian, column)
+            gptq(weight, hessian, column, act_order=self.act_order)
         else:
             levels = (weight[..., None] - levels_of[:, None, :]).abs().argmin(-1)
         return {"codes": pack_levels(levels, self.bits), "table": table}
