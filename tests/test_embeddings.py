@@ -93,3 +93,19 @@ def test_bad_input_is_reported(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         EmbeddingCodec.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("method, bits", [("pq", 8), ("opq", 8), ("pq", 4)])
+def test_faiss_export_returns_our_neighbours(method, bits):
+    faiss = pytest.importorskip("faiss")
+    x, queries = mixture(), mixture(40, seed=2)
+    codec = EmbeddingCodec(32, method, num_codebooks=8, bits=bits, opq_iters=3).fit(x)
+    codec.add(x)
+    index = codec.to_faiss()
+    assert index.ntotal == 3000
+    distances, ids = index.search(queries.numpy(), 10)
+    ours, our_ids = codec.search(queries, 10)
+    torch.testing.assert_close(torch.from_numpy(distances), ours, rtol=1e-4, atol=1e-3)
+    brute = torch.cdist(queries, codec.decode(codec.database)).pow(2)
+    torch.testing.assert_close(brute.gather(1, torch.from_numpy(ids)), ours, rtol=1e-4, atol=1e-3)  # up to ties
+    del faiss

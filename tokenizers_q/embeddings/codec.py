@@ -235,6 +235,31 @@ class EmbeddingCodec(nn.Module):
             return dots
         return self.codebooks.pow(2).sum(-1)[None] - 2 * dots  # |q_m|^2 added once at the end
 
+    def to_faiss(self):
+        """An equivalent FAISS index holding this database's codes (``IndexPQ``; OPQ inside an
+        ``IndexPreTransform``), to serve the same codes with FAISS (needs ``faiss-cpu``)."""
+        import faiss
+
+        self._check_fitted()
+        if self.method == "rvq":
+            raise ValueError("FAISS export covers PQ and OPQ codecs; this one is rvq")
+        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        index = faiss.IndexPQ(self.dim, self.num_codebooks, self.bits, metric)
+        faiss.copy_array_to_vector(self.codebooks.detach().cpu().float().numpy().ravel(), index.pq.centroids)
+        index.is_trained = True
+        faiss.copy_array_to_vector(self.database.cpu().numpy().ravel(), index.codes)
+        index.ntotal = self.database.shape[0]
+        if self.method == "pq":
+            return index
+        transform = faiss.LinearTransform(self.dim, self.dim, False)
+        faiss.copy_array_to_vector(self.rotation.T.contiguous().cpu().numpy().ravel(), transform.A)
+        transform.is_trained = True
+        wrapped = faiss.IndexPreTransform(transform, index)
+        transform.this.disown()  # the wrapper owns and frees both parts
+        index.this.disown()
+        wrapped.own_fields = True
+        return wrapped
+
     # -- checks and files ------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
