@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="calibration docstrings (other files)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--parallel", dest="sequential", action="store_false", help="input statistics from the fp32 model only"
+        "--sequential", action="store_true", help="each layer's input statistics with the layers before quantized"
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -165,12 +165,8 @@ def main() -> None:
         ]
 
     held_out = batches(docstrings(skip=120, count=args.sentences))
-    # calibration: consecutive docstrings packed into unpadded 128-token sequences, so no padding enters H
-    packed = tokenizer(" ".join(docstrings(skip=0, count=args.calibration)), return_tensors="pt").input_ids[0]
-    calibration = [
-        {"input_ids": chunk[None], "attention_mask": torch.ones(1, len(chunk), dtype=torch.long)}
-        for chunk in packed.split(128)
-    ]
+    # calibration: one docstring per batch, as the held-out sentences are embedded, so no padding enters H
+    calibration = [dict(tokenizer(text, return_tensors="pt")) for text in docstrings(skip=0, count=args.calibration)]
     reference = embed(model, held_out)
     neighbours = (reference @ reference.T).fill_diagonal_(-2).argmax(1)
     rows = []
