@@ -21,8 +21,8 @@ def relative_error(codec, x):
 @pytest.mark.parametrize("method", ["pq", "opq", "rvq"])
 def test_round_trip_error_falls_with_more_codebooks(method):
     x = mixture()
-    coarse = EmbeddingCodec(32, method, num_codebooks=4, bits=6).fit(x)
-    fine = EmbeddingCodec(32, method, num_codebooks=8, bits=6).fit(x)
+    coarse = EmbeddingCodec(32, method, num_codebooks=4, bits=6, opq_iters=3).fit(x)
+    fine = EmbeddingCodec(32, method, num_codebooks=8, bits=6, opq_iters=3).fit(x)
     packed = fine.encode(x)
     assert packed.dtype == torch.uint8 and packed.shape == (3000, 6)  # 8 codes x 6 bits, exactly packed
     assert relative_error(fine, x) < 0.9 * relative_error(coarse, x) < 0.2
@@ -30,7 +30,7 @@ def test_round_trip_error_falls_with_more_codebooks(method):
 
 def test_opq_and_beam_search_beat_their_plain_versions():
     x = mixture()
-    assert relative_error(EmbeddingCodec(32, "opq", 4, 6).fit(x), x) < relative_error(
+    assert relative_error(EmbeddingCodec(32, "opq", 4, 6, opq_iters=3).fit(x), x) < relative_error(
         EmbeddingCodec(32, "pq", 4, 6).fit(x), x
     )
     greedy = EmbeddingCodec(32, "rvq", 4, 6).fit(x)
@@ -42,7 +42,7 @@ def test_opq_and_beam_search_beat_their_plain_versions():
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric):
     x, queries = mixture(), mixture(50, seed=1)
-    codec = EmbeddingCodec(32, method, num_codebooks=4, bits=8, metric=metric).fit(x)
+    codec = EmbeddingCodec(32, method, num_codebooks=4, bits=8, metric=metric, opq_iters=3).fit(x)
     codec.add(x, batch_size=700)
     scores, ids = codec.search(queries, k=10, chunk=1000)
     decoded = codec.decode(codec.database)
@@ -55,7 +55,7 @@ def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric):
 
 def test_save_and_load_give_the_same_codes_and_search(tmp_path):
     x = mixture()
-    codec = EmbeddingCodec(32, "opq", 8, 4).fit(x)
+    codec = EmbeddingCodec(32, "opq", 8, 4, opq_iters=3).fit(x)
     codec.add(x[:500])
     loaded = EmbeddingCodec.load(codec.save(tmp_path / "codec.safetensors"))
     assert torch.equal(loaded.encode(x[500:600]), codec.encode(x[500:600]))
