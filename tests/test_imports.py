@@ -2,9 +2,10 @@ import subprocess
 import sys
 
 
-def test_core_import_pulls_in_neither_lightning_nor_wandb():
+def test_core_import_pulls_in_neither_lightning_nor_wandb():  # quantizers, KV caches, weights, embeddings
     code = (
-        "import sys, tokenizers_q; from tokenizers_q import create_quantizer;"
+        "import sys, tokenizers_q, tokenizers_q.kv, tokenizers_q.weights, tokenizers_q.embeddings;"
+        "from tokenizers_q import create_quantizer;"
         "[create_quantizer(n, dim=8, **kw) for n, kw in [('vq', {'codebook_size': 4}), ('rvq', {'codebook_size': 4}),"
         "('bsq', {}), ('lfq', {}), ('pq', {'codebook_size': 4})]]; create_quantizer('fsq', levels=[5, 5]);"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'wandb')];"
