@@ -86,6 +86,24 @@ VQ_CONFIG = {"class_path": "tokenizers_q.VQ", "init_args": {"dim": 8, "codebook_
 FSQ_CONFIG = {"class_path": "tokenizers_q.FSQ", "init_args": {"dim": 8, "levels": [5, 5], "channel_first": True}}
 
 
+def tiny_llama() -> torch.nn.Module:
+    """A randomly initialised 2-layer Llama (4 query / 2 KV heads of 16 channels, RoPE), seeded, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def make_image_folder(root: Path) -> Path:
     """Two classes of 16x16 colour PNGs: blurred blobs and stripes."""
     from PIL import Image

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from tokenizers_q.kv import (
     CoupledCodebooks,
@@ -104,18 +105,8 @@ def test_hugging_face_generation_through_a_library_cache():
     transformers = pytest.importorskip("transformers")
     from tokenizers_q.kv.hf import hf_cache, hf_rotary
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
+    config = model.config
     ids = torch.randint(1, 128, (2, 40))
     options = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(ids)}
     reference = model.generate(ids, past_key_values=transformers.DynamicCache(), **options)

@@ -6,6 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_llama  # noqa: E402
+
 from tokenizers_q.kv import QuantizerLayerCache, apply_rotary  # noqa: E402
 from tokenizers_q.kv.hf import hf_cache, hf_rotary  # noqa: E402
 from tokenizers_q.models import KVCodec  # noqa: E402
@@ -22,18 +24,7 @@ SMALL_RVQ = {"num_quantizers": 2, "codebook_size": 16}
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,3 +25,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def read_safetensors(path: str | os.PathLike, header_key: str, kind: str) -> tuple[dict, dict]:
+    """The JSON header under ``header_key`` and the tensors of a safetensors file written by this library;
+    clear errors for a missing file, an unreadable one, or one without that header (``kind`` names the file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {kind} at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = (f.metadata() or {}).get(header_key)
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    if header is None:
+        raise ValueError(f"{path} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} file (no {header_key!r} header)")
+    return json.loads(header), state

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenizers_q.files import atomic_write
+from tokenizers_q.files import atomic_write, read_safetensors
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
 from tokenizers_q.search import nearest
@@ -283,21 +283,8 @@ class EmbeddingCodec(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingCodec:
         """The codec saved by :meth:`save`."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no embedding codec at {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                header = (f.metadata() or {}).get(HEADER_KEY)
-            state = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-        if header is None:
-            raise ValueError(f"{path} is not an embedding codec file (no {HEADER_KEY!r} header)")
-        codec = cls(**json.loads(header))
+        config, state = read_safetensors(path, HEADER_KEY, "embedding codec")
+        codec = cls(**config)
         codec.database = torch.zeros_like(state["database"])
         codec.norms = torch.zeros_like(state["norms"])
         codec.load_state_dict(state)

@@ -32,6 +32,12 @@ def calibrate_quantizer(name: str, vectors: torch.Tensor, passes: int = 4, **kwa
     return quantizer.eval()
 
 
+def codebook_bits(module: torch.nn.Module) -> int:
+    """Bits of a quantizer's (or codec's) shared tensors in float16: its parameters and codebooks."""
+    tensors = [*module.parameters(), *(b for n, b in module.named_buffers() if n.endswith("embed"))]
+    return METADATA_BITS * sum(t.numel() for t in tensors)
+
+
 class QuantizerLayerCache(LayerCache):
     r"""One layer's cache storing every key and value vector as the codes of a library quantizer.
 
@@ -67,7 +73,5 @@ class QuantizerLayerCache(LayerCache):
             for quantizer, c in zip(self.quantizers, codes):
                 bits += c[..., 0].numel() * quantizer.spec.bits_per_token
         if self.count_codebooks:
-            for quantizer in self.quantizers:
-                tensors = [*quantizer.parameters(), *(b for n, b in quantizer.named_buffers() if n.endswith("embed"))]
-                bits += METADATA_BITS * sum(t.numel() for t in tensors)
+            bits += sum(codebook_bits(quantizer) for quantizer in self.quantizers)
         return bits

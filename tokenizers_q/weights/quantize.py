@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenizers_q.files import atomic_write
+from tokenizers_q.files import atomic_write, read_safetensors
 from tokenizers_q.weights.config import WeightQuantConfig
 from tokenizers_q.weights.gptq import HessianAccumulator
 from tokenizers_q.weights.modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
@@ -181,22 +181,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
 def load_quantized(model: nn.Module, path: str | Path, cache_weight: bool = False) -> nn.Module:
     """Rebuild the quantized modules saved by :func:`save_quantized` in ``model`` (the same architecture,
     freshly built) and load every tensor; returns ``model``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no quantized model at {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            header = (f.metadata() or {}).get(HEADER_KEY)
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    if header is None:
-        raise ValueError(f"{path} is not a quantized model file (no {HEADER_KEY!r} header)")
+    layout, state = read_safetensors(path, HEADER_KEY, "quantized model")
     modules = dict(model.named_modules())
-    for name, entry in json.loads(header).items():
+    for name, entry in layout.items():
         if name not in modules:
             raise ValueError(f"the saved model quantized {name!r}, which this model does not have")
         config = WeightQuantConfig.from_dict(entry["config"])
