@@ -260,13 +260,14 @@ def main() -> None:
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), float("nan"))
     print(
         "\n| method | bits/element | vs fp16 | perplexity | vs fp | greedy agreement "
-        "| attention error mean / worst layer | shared codebooks |"
+        "| attention error mean / worst layer | shared codebooks | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['method']} | {r['bits']:.2f} | {16 / r['bits']:.1f}x | {r['ppl']:.2f} | {r['ppl'] - fp:+.2f} | "
-            f"{100 * r['agree']:.1f}% | {r['attn_mean']:.3f} / {r['attn_max']:.3f} | {r['shared_kb']:.0f} kB |"
+            f"{100 * r['agree']:.1f}% | {r['attn_mean']:.3f} / {r['attn_max']:.3f} | {r['shared_kb']:.0f} kB "
+            f"| {r['seconds']:.0f} |"
         )
     print(
         f"\nSmolLM2-135M (float32 on the CPU), {args.sequences} held-out standard-library sequences of {args.length} "
