@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenizers_q.embeddings import EmbeddingCodec
+from tokenizers_q.embeddings import codec as codec_module
 
 
 def mixture(n=3000, dim=32, seed=0):
@@ -40,17 +41,78 @@ def test_opq_and_beam_search_beat_their_plain_versions():
 
 @pytest.mark.parametrize("method", ["pq", "opq", "rvq"])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric):
+@pytest.mark.parametrize("num_lists", [1, 8])
+def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric, num_lists, monkeypatch):
+    monkeypatch.setattr(codec_module, "SCORE_BUDGET", 2000)  # many database chunks per list, merged
     x, queries = mixture(), mixture(50, seed=1)
-    codec = EmbeddingCodec(32, method, num_codebooks=4, bits=8, metric=metric, opq_iters=3).fit(x)
+    codec = EmbeddingCodec(32, method, 4, 6, metric=metric, num_lists=num_lists, num_iters=8, opq_iters=3).fit(x)
     codec.add(x, batch_size=700)
-    scores, ids = codec.search(queries, k=10, chunk=1000)
+    scores, ids = codec.search(queries, k=10, nprobe=num_lists)
     decoded = codec.decode(codec.database)
     brute = torch.cdist(queries, decoded).pow(2) if metric == "l2" else queries @ decoded.T
     want = brute.topk(10, dim=1, largest=metric == "ip")
     torch.testing.assert_close(scores, want.values, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(brute.gather(1, ids), want.values, rtol=1e-4, atol=1e-3)  # same neighbours up to ties
-    assert codec.bytes_per_vector == 4 + (4 if method == "rvq" and metric == "l2" else 0)
+    code_bytes = 3 if num_lists == 1 else 4  # 24 code bits, plus 3 bits of list id padded to whole bytes
+    assert codec.bytes_per_vector == code_bytes + (4 if method == "rvq" and metric == "l2" else 0)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_partitioned_search_scans_only_the_probed_lists(metric):
+    x, queries = mixture(), mixture(30, seed=1)
+    codec = EmbeddingCodec(32, "pq", 8, 8, metric=metric, num_lists=16).fit(x)
+    codec.add(x)
+    scores, ids = codec.search(queries, k=5, nprobe=3)
+    dots = queries @ codec.centroids.T
+    coarse = dots if metric == "ip" else codec.centroids.pow(2).sum(-1) - 2 * dots
+    probed = coarse.topk(3, dim=1, largest=metric == "ip").indices
+    lists = codec._unpack(codec.database)[0]
+    decoded = codec.decode(codec.database)
+    brute = torch.cdist(queries, decoded).pow(2) if metric == "l2" else queries @ decoded.T
+    outside = ~(lists[None, :, None] == probed[:, None, :]).any(-1)  # (Q, N): vectors of lists not probed
+    brute = brute.masked_fill(outside, -torch.inf if metric == "ip" else torch.inf)
+    torch.testing.assert_close(scores, brute.topk(5, dim=1, largest=metric == "ip").values, rtol=1e-4, atol=1e-3)
+    assert not outside.gather(1, ids).any()
+
+
+def test_partition_lowers_the_error_of_the_same_codes():
+    x = mixture()
+    flat = EmbeddingCodec(32, "pq", 4, 6).fit(x)
+    partitioned = EmbeddingCodec(32, "pq", 4, 6, num_lists=16).fit(x)
+    assert partitioned.code_bytes == 4  # 4 list-id bits + 24 code bits, padded to whole bytes
+    assert relative_error(partitioned, x) < 0.8 * relative_error(flat, x)
+
+
+def test_exact_reranking_finds_the_true_neighbours():
+    x, queries = mixture(), mixture(40, seed=3)
+    codec = EmbeddingCodec(32, "pq", 4, 4).fit(x)
+    codec.add(x)
+    exact = torch.cdist(queries, x).pow(2).topk(10, dim=1, largest=False)
+    scores, ids = codec.search(queries, 10, rerank=3000, vectors=x)  # every vector re-ranked: exact search
+    torch.testing.assert_close(scores, exact.values, rtol=1e-4, atol=1e-3)
+
+    def recall(found):
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact.indices)) / exact.indices.numel()
+
+    plain = recall(codec.search(queries, 10)[1])
+    assert plain < 0.8 and recall(codec.search(queries, 10, rerank=100, vectors=x)[1]) > plain + 0.15
+
+
+def test_streaming_fit_and_add_from_a_memory_map_and_batches(tmp_path):
+    np = pytest.importorskip("numpy")
+    x = mixture()
+    np.save(tmp_path / "x.npy", x.numpy())
+    mapped = torch.from_numpy(np.load(tmp_path / "x.npy", mmap_mode="c"))
+    in_memory = EmbeddingCodec(32, "opq", 4, 6, num_lists=4, opq_iters=2).fit(x, max_vectors=1000)
+    streamed = EmbeddingCodec(32, "opq", 4, 6, num_lists=4, opq_iters=2).fit(mapped, max_vectors=1000)
+    assert torch.equal(in_memory.codebooks, streamed.codebooks)  # the same seeded sample of 1000 rows
+    assert not torch.equal(
+        EmbeddingCodec(32, "opq", 4, 6, num_lists=4, opq_iters=2).fit(x).codebooks, streamed.codebooks
+    )
+    in_memory.add(x)
+    streamed.add(mapped, batch_size=256)
+    streamed.add(x[i : i + 100] for i in range(0, 300, 100))  # any iterable of batches
+    assert torch.equal(streamed.database, torch.cat([in_memory.database, in_memory.database[:300]]))
 
 
 def test_save_and_load_give_the_same_codes_and_search(tmp_path):
@@ -84,8 +146,16 @@ def test_bad_input_is_reported(tmp_path):
         codec.search(x[:2], k=21)
     with pytest.raises(ValueError, match="num_codebooks 5 must divide dim 32"):
         EmbeddingCodec(32, "pq", 5, 8)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        EmbeddingCodec(32, "pq", 4, 3)
+    with pytest.raises(ValueError, match=r"bits must be an int in \[1, 16\], got 17"):
+        EmbeddingCodec(32, "pq", 4, 17)
+    with pytest.raises(ValueError, match=r"nprobe must be an int in \[1, 1\] \(num_lists\), got 2"):
+        codec.search(x[:2], k=3, nprobe=2)
+    with pytest.raises(ValueError, match=r"rerank must be 0 or an int in \[3, 20\]"):
+        codec.search(x[:2], k=3, rerank=2, vectors=x[:20])
+    with pytest.raises(ValueError, match=r"rerank needs the original vectors \(20, 32\)"):
+        codec.search(x[:2], k=3, rerank=10)
+    with pytest.raises(ValueError, match="need at least 64 training vectors for 64 codes"):
+        EmbeddingCodec(32, "pq", 4, 4, num_lists=64).fit(x[:50])
     with pytest.raises(ValueError, match="method must be one of"):
         EmbeddingCodec(32, "lsq")
     with pytest.raises(ValueError, match="need at least 256 training vectors"):
@@ -95,16 +165,20 @@ def test_bad_input_is_reported(tmp_path):
         EmbeddingCodec.load(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("method, bits", [("pq", 8), ("opq", 8), ("pq", 4)])
-def test_faiss_export_returns_our_neighbours(method, bits):
+@pytest.mark.parametrize(
+    "method, bits, num_lists", [("pq", 8, 1), ("opq", 8, 1), ("pq", 4, 1), ("pq", 8, 16), ("opq", 6, 16)]
+)
+def test_faiss_export_returns_our_neighbours(method, bits, num_lists):
     faiss = pytest.importorskip("faiss")
     x, queries = mixture(), mixture(40, seed=2)
-    codec = EmbeddingCodec(32, method, num_codebooks=8, bits=bits, opq_iters=3).fit(x)
+    codec = EmbeddingCodec(32, method, num_codebooks=8, bits=bits, num_lists=num_lists, opq_iters=3).fit(x)
     codec.add(x)
     index = codec.to_faiss()
     assert index.ntotal == 3000
+    if num_lists > 1:
+        faiss.extract_index_ivf(index).nprobe = 4
     distances, ids = index.search(queries.numpy(), 10)
-    ours, our_ids = codec.search(queries, 10)
+    ours, our_ids = codec.search(queries, 10, nprobe=min(4, num_lists))
     torch.testing.assert_close(torch.from_numpy(distances), ours, rtol=1e-4, atol=1e-3)
     brute = torch.cdist(queries, codec.decode(codec.database)).pow(2)
     torch.testing.assert_close(brute.gather(1, torch.from_numpy(ids)), ours, rtol=1e-4, atol=1e-3)  # up to ties

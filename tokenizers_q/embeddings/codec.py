@@ -1,17 +1,25 @@
 """Compressed embedding tables searched without decompression: PQ, OPQ and residual quantization with ADC.
 
-``fit`` learns codebooks on a sample, ``add`` encodes database vectors in bounded
-batches, ``search`` ranks the database by asymmetric distances: each query is
-compared with codebook entries once (a lookup table per query), and each database
-vector's distance is the sum of its codes' table entries.
+``fit`` learns a coarse partition (optional, IVF-style) and codebooks on a sample,
+``add`` encodes database vectors in bounded batches (from a tensor, a memory-mapped
+array or any iterable of batches), ``search`` ranks the database by asymmetric
+distances: each query is compared with codebook entries once (a lookup table per
+query), and each database vector's score is the sum of its codes' table entries,
+summed by ``embedding_bag`` over many queries at once. With a partition, vectors are
+coded relative to their list's centroid and a query scans only its ``nprobe``
+nearest lists. Optional exact re-ranking reads the original vectors of the best
+candidates.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,6 +31,30 @@ from tokenizers_q.search import nearest
 METHODS = ("pq", "opq", "rvq")
 METRICS = ("l2", "ip")
 HEADER_KEY = "tokenizers_q.embeddings"
+SCORE_BUDGET = 2**24  # most (database row, query) scores held at once: 64 MiB of float32
+QUERY_BLOCK = 1024  # queries scored together: their lookup tables are one embedding_bag weight
+
+
+def _top_rows(scores: torch.Tensor, k: int, largest: bool, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best rows of every column: values and row indices (min(k, n), q).
+
+    Rows are first reduced to the best of each group of ``group``; the ``k`` best groups hold the
+    ``k`` best rows, so the exact selection runs on ``k * group`` candidates only (5x faster than
+    ``topk`` over all rows of a large chunk).
+    """
+    n, k = scores.shape[0], min(k, scores.shape[0])
+    whole = n // group * group
+    if whole < 4 * k * group:
+        found = scores.topk(k, dim=0, largest=largest)
+        return found.values, found.indices
+    grouped = scores[:whole].view(-1, group, scores.shape[1])
+    extremes = grouped.amax(1) if largest else grouped.amin(1)
+    groups = extremes.topk(k, dim=0, largest=largest).indices  # (k, q)
+    rows = (groups[:, None] * group + torch.arange(group, device=scores.device)[:, None]).flatten(0, 1)
+    rest = torch.arange(whole, n, device=scores.device)[:, None].expand(-1, scores.shape[1])
+    rows = torch.cat([rows, rest])
+    found = scores.gather(0, rows).topk(k, dim=0, largest=largest)
+    return found.values, rows.gather(0, found.indices)
 
 
 class EmbeddingCodec(nn.Module):
@@ -34,18 +66,25 @@ class EmbeddingCodec(nn.Module):
             ``"opq"`` (PQ after a learned rotation), or ``"rvq"`` (residual quantization: each codebook
             codes what the previous ones left). Default: ``"pq"``.
         num_codebooks: codes per vector (M). Default: 16.
-        bits: bits per code (``2^bits`` entries per codebook); ``num_codebooks * bits`` must be a multiple
-            of 8. Default: 8 (16 bytes per vector with the defaults).
+        bits: bits per code (``2^bits`` entries per codebook). Default: 8.
         metric: ``"l2"`` (squared distance, smaller is closer) or ``"ip"`` (inner product, larger is
             closer). Default: ``"l2"``.
+        num_lists: coarse partition size (IVF); 1 stores no list ids and scans everything. Vectors are
+            coded as residuals from their list's centroid, and the list id is part of each code
+            (``ceil(log2 num_lists)`` bits). Default: 1.
         beam: RVQ encoding keeps this many best partial codes per level (1: greedy). Default: 1.
         num_iters: k-means iterations per codebook. Default: 20.
         opq_iters: OPQ alternations of PQ fitting and rotation update. Default: 8.
-        seed: k-means seeding. Default: 0.
+        seed: training-sample and k-means seeding. Default: 0.
+
+    A code holds the list id and ``num_codebooks`` codes of ``bits`` bits, exactly packed and
+    padded to whole bytes (:attr:`code_bytes`); RVQ under L2 also stores each vector's decoded
+    squared norm as float32 (:attr:`bytes_per_vector` counts it).
 
     Shapes:
-        - x, queries: (N, dim) float; packed codes: (N, num_codebooks * bits / 8) uint8
-        - search output: scores (Q, k) float32 and database ids (Q, k) int64
+        - x, queries: (N, dim) float; packed codes: (N, code_bytes) uint8
+        - search output: scores (Q, k) float32 and database ids (Q, k) int64 (id -1, score +-inf where
+          the probed lists hold fewer than k vectors)
     """
 
     def __init__(
@@ -55,6 +94,7 @@ class EmbeddingCodec(nn.Module):
         num_codebooks: int = 16,
         bits: int = 8,
         metric: str = "l2",
+        num_lists: int = 1,
         beam: int = 1,
         num_iters: int = 20,
         opq_iters: int = 8,
@@ -65,67 +105,82 @@ class EmbeddingCodec(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        for name, value in (("dim", dim), ("num_codebooks", num_codebooks), ("beam", beam)):
+        for name, value in (("dim", dim), ("num_codebooks", num_codebooks), ("num_lists", num_lists), ("beam", beam)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(bits, int) or not 1 <= bits <= 16 or (num_codebooks * bits) % 8:
-            raise ValueError(f"bits must be in [1, 16] with num_codebooks * bits a multiple of 8, got {bits!r}")
+        if not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
         if method != "rvq" and dim % num_codebooks:
             raise ValueError(f"num_codebooks {num_codebooks} must divide dim {dim} for {method}")
         self.config = dict(
-            dim=dim, method=method, num_codebooks=num_codebooks, bits=bits, metric=metric, beam=beam,
-            num_iters=num_iters, opq_iters=opq_iters, seed=seed,
+            dim=dim, method=method, num_codebooks=num_codebooks, bits=bits, metric=metric, num_lists=num_lists,
+            beam=beam, num_iters=num_iters, opq_iters=opq_iters, seed=seed,
         )  # fmt: skip
         self.dim, self.method, self.metric = dim, method, metric
-        self.num_codebooks, self.bits, self.beam = num_codebooks, bits, beam
+        self.num_codebooks, self.bits, self.num_lists, self.beam = num_codebooks, bits, num_lists, beam
+        sizes = ((num_lists,) if num_lists > 1 else ()) + (2**bits,) * num_codebooks
+        padding = -TokenSpec(sizes).bits_per_token % 8
+        self.spec = TokenSpec(sizes + ((2**padding,) if padding else ()))  # padded to whole bytes per vector
         sub = dim if method == "rvq" else dim // num_codebooks
+        self.register_buffer("centroids", torch.zeros(num_lists, dim))
         self.register_buffer("codebooks", torch.zeros(num_codebooks, 2**bits, sub))
         self.register_buffer("rotation", torch.eye(dim))
         self.register_buffer("database", torch.zeros(0, self.code_bytes, dtype=torch.uint8))
         self.register_buffer("norms", torch.zeros(0))  # RVQ under L2: |decoded|^2 per database vector
         self.register_buffer("fitted", torch.tensor(False))
+        self._scan_cache = None  # see _scan
 
     @property
     def code_bytes(self) -> int:
-        return self.num_codebooks * self.bits // 8
+        return self.spec.bits_per_token // 8
 
     @property
     def bytes_per_vector(self) -> int:
-        """Stored bytes per database vector: its codes, plus a float32 norm for RVQ under L2."""
-        return self.code_bytes + (4 if self.method == "rvq" and self.metric == "l2" else 0)
+        """Stored bytes per database vector: its code, plus a float32 norm for RVQ under L2."""
+        return self.code_bytes + (4 if self._stores_norms else 0)
 
     @property
-    def spec(self) -> TokenSpec:
-        return TokenSpec((2**self.bits,) * self.num_codebooks)
+    def _stores_norms(self) -> bool:
+        return self.method == "rvq" and self.metric == "l2"
 
     # -- fitting ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> EmbeddingCodec:
-        """Learn the codebooks (and the OPQ rotation) from training vectors; returns ``self``."""
+    def fit(self, x: torch.Tensor, max_vectors: int | None = 131072) -> EmbeddingCodec:
+        """Learn the partition, codebooks (and OPQ rotation) from training vectors; returns ``self``.
+
+        Args:
+            x: training vectors (N, dim); may be memory-mapped (``torch.from_numpy(np.load(path,
+                mmap_mode="c"))``): only a seeded random sample of ``max_vectors`` rows is read.
+            max_vectors: training sample size (None: all rows).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"training vectors must be a float tensor (N, {self.dim}), got {type(x).__name__}")
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        if max_vectors is not None and x.shape[0] > max_vectors:
+            x = x[torch.randperm(x.shape[0], generator=generator)[:max_vectors].sort().values]
         x = self._check(x, "training vectors")
-        if x.shape[0] < 2**self.bits:
-            raise ValueError(
-                f"need at least {2**self.bits} training vectors for {2**self.bits} codes, got {x.shape[0]}"
-            )
+        needed = max(2**self.bits, self.num_lists)
+        if x.shape[0] < needed:
+            raise ValueError(f"need at least {needed} training vectors for {needed} codes, got {x.shape[0]}")
         generator = torch.Generator(device=x.device).manual_seed(self.config["seed"])
+        if self.num_lists > 1:
+            self.centroids.copy_(kmeans(x, self.num_lists, self.config["num_iters"], generator=generator).centroids)
+        residual = x - self.centroids[self._assign(x)]
         if self.method == "rvq":
-            residual = x
             for m in range(self.num_codebooks):
                 fit = kmeans(residual, 2**self.bits, self.config["num_iters"], generator=generator)
                 self.codebooks[m] = fit.centroids
                 residual = residual - fit.centroids[fit.assignments]
         else:
             rotation = torch.eye(self.dim, device=x.device)
-            rounds = self.config["opq_iters"] if self.method == "opq" else 1
-            for _ in range(rounds):
-                rotated = x @ rotation
+            for _ in range(self.config["opq_iters"] if self.method == "opq" else 0):
+                rotated = residual @ rotation
                 self._fit_pq(rotated, generator)
-                if self.method == "opq":  # orthogonal Procrustes: rotation best mapping x to its codes
-                    u, _, vt = torch.linalg.svd(x.T @ self._decode_rotated(self._encode_rotated(rotated)))
-                    rotation = u @ vt
-            self.rotation.copy_(rotation if self.method == "opq" else torch.eye(self.dim, device=x.device))
-            if self.method == "opq":  # codebooks for the final rotation
-                self._fit_pq(x @ self.rotation, generator)
+                # orthogonal Procrustes: the rotation best mapping the residuals to their codes
+                u, _, vt = torch.linalg.svd(residual.T @ self._decode_rotated(self._encode_rotated(rotated)))
+                rotation = u @ vt
+            self.rotation.copy_(rotation)
+            self._fit_pq(residual @ self.rotation, generator)
         self.fitted.fill_(True)
         return self
 
@@ -134,6 +189,12 @@ class EmbeddingCodec(nn.Module):
         self.codebooks.copy_(kmeans(subs, 2**self.bits, self.config["num_iters"], generator=generator).centroids)
 
     # -- codes -----------------------------------------------------------------------------------
+    def _assign(self, x: torch.Tensor) -> torch.Tensor:
+        """List id (N,) of each vector: its nearest centroid."""
+        if self.num_lists == 1:
+            return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return nearest(x, self.centroids)[0]
+
     def _encode_rotated(self, rotated: torch.Tensor) -> torch.Tensor:
         subs = rotated.reshape(rotated.shape[0], self.num_codebooks, -1).transpose(0, 1).contiguous()
         return nearest(subs, self.codebooks)[0].T  # (N, M)
@@ -159,96 +220,251 @@ class EmbeddingCodec(nn.Module):
         return codes[:, 0]
 
     @torch.no_grad()
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpacked codes (N, num_codebooks) int64 of vectors."""
-        x = self._check(x, "vectors")
-        self._check_fitted()
-        return self._encode_rvq(x) if self.method == "rvq" else self._encode_rotated(x @ self.rotation)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Packed codes (N, code_bytes) uint8 of vectors."""
-        codes = self.codes(x)
-        return pack_codes(codes, self.spec).reshape(codes.shape[0], self.code_bytes).to(x.device)
+        x = self._check(x, "vectors")
+        self._check_fitted()
+        lists = self._assign(x)
+        residual = x - self.centroids[lists]
+        codes = self._encode_rvq(residual) if self.method == "rvq" else self._encode_rotated(residual @ self.rotation)
+        columns = ([lists[:, None]] if self.num_lists > 1 else []) + [codes]
+        padding = self.spec.num_codebooks - sum(c.shape[1] for c in columns)
+        columns.append(codes.new_zeros(codes.shape[0], padding))
+        return pack_codes(torch.cat(columns, 1), self.spec).reshape(x.shape[0], self.code_bytes).to(x.device)
 
     @torch.no_grad()
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         """Vectors (N, dim) float32 of packed codes."""
-        codes = self._unpack(packed)
+        lists, codes = self._unpack(packed)
         decoded = self._decode_rotated(codes)
-        return decoded if self.method == "rvq" else decoded @ self.rotation.T
+        return self.centroids[lists] + (decoded if self.method == "rvq" else decoded @ self.rotation.T)
 
-    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != self.code_bytes:
+    def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """List ids (N,) and codes (N, num_codebooks) of packed codes."""
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+            raise ValueError(f"expected packed codes (N, {self.code_bytes}) uint8 from this codec, got {packed!r}")
+        if packed.shape[1] != self.code_bytes:
             raise ValueError(
-                f"expected packed codes (N, {self.code_bytes}) uint8 from this codec, "
-                f"got {packed.dtype} {tuple(packed.shape)}"
+                f"expected packed codes (N, {self.code_bytes}) uint8 from this codec, got {tuple(packed.shape)}"
             )
         n = packed.shape[0]
-        return unpack_codes(packed.reshape(-1), self.spec, (n, self.num_codebooks)).to(packed.device)
+        if self.spec.bits == (8,) * self.spec.num_codebooks:  # whole bytes: the codes are the bytes
+            tokens = packed.long()
+        else:
+            tokens = unpack_codes(packed.reshape(-1), self.spec, (n, self.spec.num_codebooks)).to(packed.device)
+        first = 1 if self.num_lists > 1 else 0
+        lists = tokens[:, 0] if first else torch.zeros(n, dtype=torch.long, device=packed.device)
+        return lists, tokens[:, first : first + self.num_codebooks]
 
-    # -- database and search ---------------------------------------------------------------------
-    def add(self, x: torch.Tensor, batch_size: int = 65536, progress: bool = False) -> None:
-        """Encode database vectors in batches of ``batch_size`` (bounded memory) and append them."""
+    # -- database --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, x: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 65536, progress: bool = False) -> None:
+        """Encode database vectors in batches and append them; ids continue from the current size.
+
+        Args:
+            x: vectors (N, dim) (may be memory-mapped: only ``batch_size`` rows are read at a time),
+                or any iterable of (n, dim) batches (a data loader, a generator over files).
+            batch_size: rows encoded at once when ``x`` is a tensor; bounds the working memory.
+            progress: show a progress bar.
+        """
         self._check_fitted()
-        starts = range(0, x.shape[0], batch_size)
+        if isinstance(x, torch.Tensor):
+            batches = (x[start : start + batch_size] for start in range(0, x.shape[0], batch_size))
+            total = math.ceil(x.shape[0] / batch_size)
+        else:
+            batches, total = iter(x), None
         packed, norms = [], []
-        for start in tqdm(starts, desc="encode", disable=not progress):
-            batch = self._check(x[start : start + batch_size], "database vectors")
+        for batch in tqdm(batches, total=total, desc="encode", unit="batch", disable=not progress):
             packed.append(self.encode(batch))
-            if self.method == "rvq" and self.metric == "l2":
+            if self._stores_norms:
                 norms.append(self.decode(packed[-1]).pow(2).sum(-1))
         self.database = torch.cat([self.database, *packed])
         if norms:
             self.norms = torch.cat([self.norms, *norms])
 
+    def _scan(self) -> tuple[torch.Tensor | None, list[int], torch.Tensor]:
+        """How search scans the database: row order (None: storage order, without a partition), each
+        list's bounds in that order, and the codes (N, num_codebooks) in that order as small integers.
+        Cached until the database changes; without a partition and with 8-bit codes it is the database
+        itself, otherwise one more copy of the codes."""
+        key = (self.database.data_ptr(), self.database.shape[0])
+        if self._scan_cache is None or self._scan_cache[0] != key:
+            lists, codes = self._unpack(self.database)
+            order, bounds = None, [0, self.database.shape[0]]
+            if self.num_lists > 1:
+                order = lists.argsort(stable=True)
+                bounds = [0, *torch.bincount(lists, minlength=self.num_lists).cumsum(0).tolist()]
+                codes = codes[order]
+            if self.spec.bits == (8,) * self.spec.num_codebooks:
+                codes = self.database
+            self._scan_cache = (key, order, bounds, codes.to(torch.uint8 if self.bits <= 8 else torch.int32))
+        return self._scan_cache[1:]
+
+    # -- search ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` best database vectors of each query by asymmetric distance (codes never decoded)."""
+    def search(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        nprobe: int = 1,
+        rerank: int = 0,
+        vectors: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best database vectors of each query by asymmetric distance (codes never decoded).
+
+        Args:
+            queries: (Q, dim) float.
+            k: neighbours per query, at most the database size.
+            nprobe: lists scanned per query (with a partition); ``num_lists`` scans everything.
+            rerank: if > 0, rank this many ADC candidates by their exact distance to the original
+                ``vectors`` (database order; may be memory-mapped: only candidate rows are read).
+            vectors: the original database vectors, for ``rerank``.
+
+        Returns:
+            scores (Q, k): squared distances (L2) or inner products (IP); ids (Q, k) int64.
+        """
         queries = self._check(queries, "queries")
         size = self.database.shape[0]
         if not isinstance(k, int) or not 1 <= k <= size:
             raise ValueError(f"k must be an int in [1, {size}] (the database size), got {k!r}")
-        tables = self._tables(queries)  # (Q, M, K)
-        best_scores, best_ids = None, None
-        for start in range(0, size, chunk):
-            codes = self._unpack(self.database[start : start + chunk])  # (n, M)
-            scores = sum(tables[:, m, codes[:, m]] for m in range(self.num_codebooks))  # (Q, n)
-            if self.method == "rvq" and self.metric == "l2":
-                scores = scores + self.norms[start : start + chunk]
-            ids = torch.arange(start, start + codes.shape[0], device=queries.device).expand_as(scores)
-            if best_scores is not None:
-                scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
-            top = scores.topk(min(k, scores.shape[1]), dim=1, largest=self.metric == "ip")
-            best_scores, best_ids = top.values, ids.gather(1, top.indices)
-        if self.metric == "l2":  # add the queries' own norms: true squared distances
-            best_scores = best_scores + queries.pow(2).sum(-1, keepdim=True)
-        return best_scores, best_ids
+        if not isinstance(nprobe, int) or not 1 <= nprobe <= self.num_lists:
+            raise ValueError(f"nprobe must be an int in [1, {self.num_lists}] (num_lists), got {nprobe!r}")
+        if rerank:
+            if not isinstance(rerank, int) or not k <= rerank <= size:
+                raise ValueError(
+                    f"rerank must be 0 or an int in [{k}, {size}] (k to the database size), got {rerank!r}"
+                )
+            if not isinstance(vectors, torch.Tensor) or tuple(vectors.shape) != (size, self.dim):
+                raise ValueError(
+                    f"rerank needs the original vectors ({size}, {self.dim}) in database order, "
+                    f"got {getattr(vectors, 'shape', vectors)!r}"
+                )
+        blocks = [
+            self._adc(queries[s : s + QUERY_BLOCK], rerank or k, nprobe) for s in range(0, len(queries), QUERY_BLOCK)
+        ]
+        scores, ids = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+        if rerank:
+            scores, ids = self._rerank(queries, ids, vectors, k)
+        return scores, ids
 
-    def _tables(self, queries: torch.Tensor) -> torch.Tensor:
-        """Per query and codebook, the score contribution of every entry (Q, M, K)."""
-        if self.method == "rvq":  # |q - sum c|^2 = |q|^2 - 2 sum q.c + |sum c|^2 (norm stored per vector)
+    def _adc(self, queries: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ip = self.metric == "ip"
+        num = queries.shape[0]
+        # per (query, list): -2 q.centroid + |centroid|^2 (L2; |q|^2 is added at the end) or q.centroid (IP);
+        # RVQ under L2 stores |centroid + residual|^2 with each vector, so only -2 q.centroid is added
+        dots = queries @ self.centroids.T  # (Q, num_lists)
+        shift = dots if ip else -2 * dots + (0 if self._stores_norms else self.centroids.pow(2).sum(-1))
+        probe = (dots if ip else self.centroids.pow(2).sum(-1) - 2 * dots).topk(nprobe, dim=1, largest=ip).indices
+        tables = self._query_tables(queries).reshape(num, -1)  # (Q, M * K)
+        order, bounds, scan_codes = self._scan()
+        offsets = torch.arange(self.num_codebooks, device=queries.device) * 2**self.bits
+        # (query, slot) pairs grouped by list: each list is scanned once for all the queries probing it
+        pairs, position = (probe * nprobe + torch.arange(nprobe, device=probe.device)).flatten().sort()
+        lists, counts = torch.unique_consecutive(pairs // nprobe, return_counts=True)
+        list_tables = self._list_tables(lists) if not ip and self.method != "rvq" else None
+        found_queries, found_columns, found_scores, found_ids = [], [], [], []
+        for i, (lst, qi, slot) in enumerate(
+            zip(lists.tolist(), position.split(counts.tolist()), pairs.split(counts.tolist()))
+        ):
+            lo, hi = bounds[lst], bounds[lst + 1]
+            if lo == hi:
+                continue
+            qi, slot = qi // nprobe, slot % nprobe
+            weight = tables[qi]  # (q, M * K)
+            if list_tables is not None:  # plus the list's query-independent term, summed alike
+                weight = weight + list_tables[i]
+            weight = weight.T.contiguous()  # (M * K, q): a bag column per query
+            tops, top_ids = [], []
+            step = max(1, SCORE_BUDGET // len(qi))
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
+                rows = torch.arange(start, stop, device=queries.device) if order is None else order[start:stop]
+                scores = F.embedding_bag(scan_codes[start:stop].long() + offsets, weight, mode="sum")  # (n, q)
+                if self._stores_norms:
+                    scores = scores + self.norms[rows, None]
+                values, picked = _top_rows(scores, k, largest=ip)
+                tops.append(values)
+                top_ids.append(rows[picked])
+            if len(tops) > 1:
+                values, picked = _top_rows(torch.cat(tops), k, largest=ip)
+                tops, top_ids = [values], [torch.cat(top_ids).gather(0, picked)]
+            found_queries.append(qi[:, None].expand(-1, tops[0].shape[0]))
+            found_columns.append((slot * k)[:, None] + torch.arange(tops[0].shape[0], device=queries.device))
+            found_scores.append(tops[0].T + shift[qi, lst][:, None])
+            found_ids.append(top_ids[0].T)
+        best = queries.new_full((num, nprobe * k), -math.inf if ip else math.inf)
+        best_ids = torch.full((num, nprobe * k), -1, dtype=torch.long, device=queries.device)
+        where = (torch.cat([f.flatten() for f in found_queries]), torch.cat([f.flatten() for f in found_columns]))
+        best[where] = torch.cat([f.flatten() for f in found_scores])
+        best_ids[where] = torch.cat([f.flatten() for f in found_ids])
+        found = best.topk(k, dim=1, largest=ip)
+        scores, ids = found.values, best_ids.gather(1, found.indices)
+        if not ip:  # add the queries' own norms: true squared distances
+            scores = scores + queries.pow(2).sum(-1, keepdim=True)
+        return scores, ids
+
+    def _query_tables(self, queries: torch.Tensor) -> torch.Tensor:
+        """Per query and codebook, the query-dependent score of every entry (Q, M, K): q.c (IP) or
+        -2 q.c (L2), with sub-vectors of the rotated query for PQ/OPQ."""
+        if self.method == "rvq":
             dots = torch.einsum("qd,mkd->qmk", queries, self.codebooks)
-            return dots if self.metric == "ip" else -2 * dots
-        subs = (queries @ self.rotation).reshape(queries.shape[0], self.num_codebooks, -1)
-        dots = torch.einsum("qms,mks->qmk", subs, self.codebooks)
-        if self.metric == "ip":
-            return dots
-        return self.codebooks.pow(2).sum(-1)[None] - 2 * dots  # |q_m|^2 added once at the end
+        else:
+            subs = (queries @ self.rotation).reshape(queries.shape[0], self.num_codebooks, -1)
+            dots = torch.einsum("qms,mks->qmk", subs, self.codebooks)
+        return dots if self.metric == "ip" else -2 * dots
 
+    def _list_tables(self, lists: torch.Tensor) -> torch.Tensor:
+        """PQ/OPQ under L2, the query-independent score of every entry within each of ``lists``
+        (len(lists), M * K): |c|^2 + 2 (centroid R)_m . c, so that |q - centroid - c R^T|^2 =
+        |q|^2 - 2 q.centroid + |centroid|^2 + sum over codebooks of (this table - 2 (q R)_m . c)."""
+        subs = (self.centroids[lists] @ self.rotation).reshape(len(lists), self.num_codebooks, -1)
+        tables = self.codebooks.pow(2).sum(-1) + 2 * torch.einsum("lms,mks->lmk", subs, self.codebooks)
+        return tables.reshape(len(lists), -1)
+
+    def _rerank(self, queries, ids, vectors, k):
+        valid = ids >= 0
+        found = vectors[ids.clamp(min=0).flatten()].to(queries).reshape(*ids.shape, self.dim)
+        if self.metric == "ip":
+            exact = torch.einsum("qd,qrd->qr", queries, found).masked_fill(~valid, -math.inf)
+        else:
+            exact = (found - queries[:, None]).pow(2).sum(-1).masked_fill(~valid, math.inf)
+        top = exact.topk(k, dim=1, largest=self.metric == "ip")
+        return top.values, ids.gather(1, top.indices)
+
+    # -- FAISS export ----------------------------------------------------------------------------
     def to_faiss(self):
-        """An equivalent FAISS index holding this database's codes (``IndexPQ``; OPQ inside an
-        ``IndexPreTransform``), to serve the same codes with FAISS (needs ``faiss-cpu``)."""
+        """An equivalent FAISS index holding this database's codes, to serve the same codes with FAISS
+        (needs ``faiss-cpu``): ``IndexPQ``, or ``IndexIVFPQ`` with a partition (set its ``nprobe``);
+        OPQ inside an ``IndexPreTransform``."""
         import faiss
+        import numpy as np
 
         self._check_fitted()
         if self.method == "rvq":
             raise ValueError("FAISS export covers PQ and OPQ codecs; this one is rvq")
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        index = faiss.IndexPQ(self.dim, self.num_codebooks, self.bits, metric)
+        lists, codes = self._unpack(self.database)
+        pq_codes = pack_codes(codes, TokenSpec((2**self.bits,) * self.num_codebooks))  # FAISS's PQ layout
+        if self.num_lists == 1:
+            index = faiss.IndexPQ(self.dim, self.num_codebooks, self.bits, metric)
+            faiss.copy_array_to_vector(pq_codes.numpy(), index.codes)
+        else:
+            quantizer = faiss.IndexFlat(self.dim, metric)
+            quantizer.add((self.centroids @ self.rotation).cpu().numpy())  # coarse search in the rotated space
+            index = faiss.IndexIVFPQ(quantizer, self.dim, self.num_lists, self.num_codebooks, self.bits, metric)
+            quantizer.this.disown()
+            index.own_fields = True
+            rows = pq_codes.numpy().reshape(len(lists), -1)
+            order, bounds, _ = self._scan()
+            for lst in range(self.num_lists):
+                ids = order[bounds[lst] : bounds[lst + 1]].numpy()
+                chunk = np.ascontiguousarray(rows[ids])
+                index.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(chunk))
         faiss.copy_array_to_vector(self.codebooks.detach().cpu().float().numpy().ravel(), index.pq.centroids)
         index.is_trained = True
-        faiss.copy_array_to_vector(self.database.cpu().numpy().ravel(), index.codes)
         index.ntotal = self.database.shape[0]
+        if self.num_lists > 1:
+            index.precompute_table()
         if self.method == "pq":
             return index
         transform = faiss.LinearTransform(self.dim, self.dim, False)
@@ -273,7 +489,8 @@ class EmbeddingCodec(nn.Module):
             raise ValueError("this codec is not fitted yet: call fit(training_vectors) first")
 
     def save(self, path: str | Path) -> Path:
-        """Codebooks, rotation, database codes and norms with the config, to a safetensors file (atomically)."""
+        """Partition, codebooks, rotation, database codes and norms with the config, to a safetensors
+        file (atomically)."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
