@@ -41,7 +41,7 @@ def test_opq_and_beam_search_beat_their_plain_versions():
 
 @pytest.mark.parametrize("method", ["pq", "opq", "rvq"])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("num_lists", [1, 8])
+@pytest.mark.parametrize("num_lists", [1, 8, 64])  # 64 lists of ~47 < 64 codes: gathered per candidate
 def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric, num_lists, monkeypatch):
     monkeypatch.setattr(codec_module, "SCORE_BUDGET", 2000)  # many database chunks per list, merged
     x, queries = mixture(), mixture(50, seed=1)
@@ -53,7 +53,7 @@ def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric, num_li
     want = brute.topk(10, dim=1, largest=metric == "ip")
     torch.testing.assert_close(scores, want.values, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(brute.gather(1, ids), want.values, rtol=1e-4, atol=1e-3)  # same neighbours up to ties
-    code_bytes = 3 if num_lists == 1 else 4  # 24 code bits, plus 3 bits of list id padded to whole bytes
+    code_bytes = 3 if num_lists == 1 else 4  # 24 code bits, plus the list id padded to whole bytes
     assert codec.bytes_per_vector == code_bytes + (4 if method == "rvq" and metric == "l2" else 0)
 
 

@@ -77,6 +77,17 @@ def test_cosine_kmeans_gives_unit_centroids():
     torch.testing.assert_close(res.centroids.norm(dim=-1), torch.ones(4))
 
 
+def test_warm_start_continues_from_given_centroids():
+    x, centers = _blobs()
+    kept = kmeans(x, 4, num_iters=0, init=centers)
+    torch.testing.assert_close(kept.centroids, centers)  # no iterations: the given centroids, assigned
+    assert torch.equal(kept.assignments, torch.cdist(x, centers).argmin(-1))
+    moved = kmeans(x, 4, num_iters=3, init=centers + 0.5)
+    torch.testing.assert_close(moved.centroids, centers, atol=0.05, rtol=0)  # Lloyd steps from the start point
+    with pytest.raises(ValueError, match=r"initial centroids must have shape \(4, 2\), got \(3, 2\)"):
+        kmeans(x, 4, init=centers[:3])
+
+
 def test_errors():
     with pytest.raises(ValueError, match="num_clusters must be a positive int, got 0"):
         kmeans(torch.randn(4, 2), 0)

@@ -75,7 +75,7 @@ def kmeans(
     num_clusters: int,
     num_iters: int = 10,
     weights: torch.Tensor | None = None,
-    init: str = "kmeans++",
+    init: str | torch.Tensor = "kmeans++",
     metric: str = "l2",
     generator: torch.Generator | None = None,
     max_elements: int | None = None,
@@ -88,7 +88,8 @@ def kmeans(
             then repeat samples.
         num_iters: Lloyd iterations after seeding (0 keeps the seeds).
         weights: non-negative sample weights (e.g. Fisher information); uniform if None.
-        init: ``"kmeans++"`` (D^2 seeding) or ``"random"`` (weighted sample of rows).
+        init: ``"kmeans++"`` (D^2 seeding), ``"random"`` (weighted sample of rows), or initial centroids
+            (K, D) / (B, K, D) to continue from (warm start).
         metric: ``"l2"``, or ``"cosine"`` for spherical k-means (unit-norm centroids).
         generator: random generator for reproducible seeding.
         max_elements: memory budget of the nearest-centroid search (default: per device).
@@ -99,8 +100,8 @@ def kmeans(
         - output: see :class:`KMeansResult`
     """
     check_metric(metric)
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not isinstance(init, torch.Tensor) and init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a tensor of initial centroids, got {init!r}")
     if not isinstance(num_clusters, int) or num_clusters < 1:
         raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
     if num_iters < 0:
@@ -119,7 +120,12 @@ def kmeans(
             raise ValueError(f"weights must have shape {tuple(x.shape[:-1])}, got {tuple(weights.shape)}")
         if not torch.isfinite(wb).all() or (wb < 0).any() or (wb.sum(-1) <= 0).any():
             raise ValueError("weights must be finite, non-negative, with a positive sum")
-    if init == "kmeans++":
+    if isinstance(init, torch.Tensor):
+        centroids = (init if batched else init.unsqueeze(0)).to(xb).clone()
+        if centroids.shape != (xb.shape[0], num_clusters, xb.shape[-1]):
+            want = (num_clusters, xb.shape[-1]) if not batched else (xb.shape[0], num_clusters, xb.shape[-1])
+            raise ValueError(f"initial centroids must have shape {want}, got {tuple(init.shape)}")
+    elif init == "kmeans++":
         centroids = _seed_kmeanspp(xb, wb, num_clusters, metric, generator)
     else:
         centroids = _seed_random(xb, wb, num_clusters, generator)

@@ -32,6 +32,7 @@ METHODS = ("pq", "opq", "rvq")
 METRICS = ("l2", "ip")
 HEADER_KEY = "tokenizers_q.embeddings"
 SCORE_BUDGET = 2**24  # most (database row, query) scores held at once: 64 MiB of float32
+OPQ_KMEANS_ITERS = 4  # k-means iterations per OPQ alternation after the first, warm-started
 QUERY_BLOCK = 1024  # queries scored together: their lookup tables are one embedding_bag weight
 
 
@@ -44,7 +45,7 @@ def _top_rows(scores: torch.Tensor, k: int, largest: bool, group: int = 16) -> t
     """
     n, k = scores.shape[0], min(k, scores.shape[0])
     whole = n // group * group
-    if whole < 4 * k * group:
+    if whole < 2 * k * group:
         found = scores.topk(k, dim=0, largest=largest)
         return found.values, found.indices
     grouped = scores[:whole].view(-1, group, scores.shape[1])
@@ -74,7 +75,8 @@ class EmbeddingCodec(nn.Module):
             (``ceil(log2 num_lists)`` bits). Default: 1.
         beam: RVQ encoding keeps this many best partial codes per level (1: greedy). Default: 1.
         num_iters: k-means iterations per codebook. Default: 20.
-        opq_iters: OPQ alternations of PQ fitting and rotation update. Default: 8.
+        opq_iters: OPQ alternations of PQ fitting (k-means warm-started from the previous codebooks) and
+            rotation update. Default: 20.
         seed: training-sample and k-means seeding. Default: 0.
 
     A code holds the list id and ``num_codebooks`` codes of ``bits`` bits, exactly packed and
@@ -97,7 +99,7 @@ class EmbeddingCodec(nn.Module):
         num_lists: int = 1,
         beam: int = 1,
         num_iters: int = 20,
-        opq_iters: int = 8,
+        opq_iters: int = 20,
         seed: int = 0,
     ):
         super().__init__()
@@ -173,20 +175,22 @@ class EmbeddingCodec(nn.Module):
                 residual = residual - fit.centroids[fit.assignments]
         else:
             rotation = torch.eye(self.dim, device=x.device)
-            for _ in range(self.config["opq_iters"] if self.method == "opq" else 0):
+            for step in range(self.config["opq_iters"] if self.method == "opq" else 0):
                 rotated = residual @ rotation
-                self._fit_pq(rotated, generator)
+                self._fit_pq(rotated, generator, OPQ_KMEANS_ITERS if step else self.config["num_iters"], warm=step > 0)
                 # orthogonal Procrustes: the rotation best mapping the residuals to their codes
                 u, _, vt = torch.linalg.svd(residual.T @ self._decode_rotated(self._encode_rotated(rotated)))
                 rotation = u @ vt
             self.rotation.copy_(rotation)
-            self._fit_pq(residual @ self.rotation, generator)
+            self._fit_pq(residual @ self.rotation, generator, self.config["num_iters"], warm=self.method == "opq")
         self.fitted.fill_(True)
         return self
 
-    def _fit_pq(self, rotated: torch.Tensor, generator: torch.Generator) -> None:
+    def _fit_pq(self, rotated: torch.Tensor, generator: torch.Generator, num_iters: int, warm: bool) -> None:
+        """k-means of every sub-vector; ``warm`` continues from the current codebooks."""
         subs = rotated.reshape(rotated.shape[0], self.num_codebooks, -1).transpose(0, 1).contiguous()
-        self.codebooks.copy_(kmeans(subs, 2**self.bits, self.config["num_iters"], generator=generator).centroids)
+        init = self.codebooks if warm else "kmeans++"
+        self.codebooks.copy_(kmeans(subs, 2**self.bits, num_iters, init=init, generator=generator).centroids)
 
     # -- codes -----------------------------------------------------------------------------------
     def _assign(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,22 +286,42 @@ class EmbeddingCodec(nn.Module):
         if norms:
             self.norms = torch.cat([self.norms, *norms])
 
-    def _scan(self) -> tuple[torch.Tensor | None, list[int], torch.Tensor]:
-        """How search scans the database: row order (None: storage order, without a partition), each
-        list's bounds in that order, and the codes (N, num_codebooks) in that order as small integers.
-        Cached until the database changes; without a partition and with 8-bit codes it is the database
-        itself, otherwise one more copy of the codes."""
+    def _scan(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """How search reads the database, cached until the database changes.
+
+        Returns:
+            order: database row of each scan position (None: storage order, without a partition).
+            bounds: (num_lists + 1,) each list's first scan position, and the end.
+            codes: (N, num_codebooks) uint8 (int32 above 8 bits) in scan order; without a partition and
+                with 8-bit codes it is the database itself, otherwise one more copy of the codes.
+            terms: (N,) float32 in scan order, each vector's query-independent score (PQ/OPQ under L2:
+                |centroid + residual|^2 - |centroid|^2; RVQ under L2: its stored norm), or None (IP).
+        """
         key = (self.database.data_ptr(), self.database.shape[0])
         if self._scan_cache is None or self._scan_cache[0] != key:
             lists, codes = self._unpack(self.database)
-            order, bounds = None, [0, self.database.shape[0]]
-            if self.num_lists > 1:
-                order = lists.argsort(stable=True)
-                bounds = [0, *torch.bincount(lists, minlength=self.num_lists).cumsum(0).tolist()]
-                codes = codes[order]
-            if self.spec.bits == (8,) * self.spec.num_codebooks:
+            order = None if self.num_lists == 1 else lists.argsort(stable=True)
+            bounds = F.pad(torch.bincount(lists, minlength=self.num_lists).cumsum(0), (1, 0))
+            if order is not None:
+                codes, lists = codes[order], lists[order]
+            terms = None
+            if self._stores_norms:
+                terms = self.norms if order is None else self.norms[order]
+            elif self.metric == "l2":  # 2 (centroid R).e + |e|^2 of each rotated residual e, in bounded chunks
+                terms = (
+                    torch.cat(
+                        [
+                            self._residual_terms(lists[s : s + 65536], codes[s : s + 65536])
+                            for s in range(0, len(codes), 65536)
+                        ]
+                    )
+                    if len(codes)
+                    else codes.new_zeros(0, dtype=torch.float32)
+                )
+            if self.num_lists == 1 and self.spec.bits == (8,) * self.spec.num_codebooks:
                 codes = self.database
-            self._scan_cache = (key, order, bounds, codes.to(torch.uint8 if self.bits <= 8 else torch.int32))
+            codes = codes.to(torch.uint8 if self.bits <= 8 else torch.int32)
+            self._scan_cache = (key, order, bounds, codes, terms)
         return self._scan_cache[1:]
 
     # -- search ----------------------------------------------------------------------------------
@@ -348,27 +372,48 @@ class EmbeddingCodec(nn.Module):
         return scores, ids
 
     def _adc(self, queries: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and ids (Q, k) of the best vectors in each query's ``nprobe`` nearest lists. Lists at
+        least as long as a codebook are scanned once for all their queries (their lookup tables become
+        one ``embedding_bag`` weight); shorter lists are gathered per (query, list) candidate."""
         ip = self.metric == "ip"
-        num = queries.shape[0]
         # per (query, list): -2 q.centroid + |centroid|^2 (L2; |q|^2 is added at the end) or q.centroid (IP);
-        # RVQ under L2 stores |centroid + residual|^2 with each vector, so only -2 q.centroid is added
+        # the per-vector terms hold the rest of |q - centroid - e|^2 that does not depend on q
         dots = queries @ self.centroids.T  # (Q, num_lists)
-        shift = dots if ip else -2 * dots + (0 if self._stores_norms else self.centroids.pow(2).sum(-1))
-        probe = (dots if ip else self.centroids.pow(2).sum(-1) - 2 * dots).topk(nprobe, dim=1, largest=ip).indices
-        tables = self._query_tables(queries).reshape(num, -1)  # (Q, M * K)
-        order, bounds, scan_codes = self._scan()
-        offsets = torch.arange(self.num_codebooks, device=queries.device) * 2**self.bits
+        shift = dots if ip else -2 * dots + self.centroids.pow(2).sum(-1)
+        probe = shift.topk(nprobe, dim=1, largest=ip).indices  # (Q, nprobe)
+        if self._stores_norms:  # RVQ: the stored norm already holds |centroid|^2
+            shift = -2 * dots
+        tables = self._query_tables(queries).reshape(len(queries), -1)  # (Q, M * K)
+        on_long_list = (self._scan()[1].diff() >= 2**self.bits)[probe]  # (Q, nprobe)
+        found = []
+        if on_long_list.any():
+            found.append(self._scan_long_lists(tables, shift, probe, on_long_list, k))
+        if not on_long_list.all():
+            found.append(self._scan_short_lists(tables, shift, probe, ~on_long_list, k))
+        scores, ids = torch.cat([f[0] for f in found], 1), torch.cat([f[1] for f in found], 1)
+        top = scores.topk(k, dim=1, largest=ip)
+        scores, ids = top.values, ids.gather(1, top.indices)
+        if not ip:  # add the queries' own norms: true squared distances
+            scores = scores + queries.pow(2).sum(-1, keepdim=True)
+        return scores, ids
+
+    def _scan_long_lists(self, tables, shift, probe, selected, k):
+        """Per list, all its probing queries at once: scores (Q, nprobe * k), ids (unfilled: -1)."""
+        ip, num, nprobe = self.metric == "ip", len(tables), probe.shape[1]
+        order, bounds, codes, terms = self._scan()
+        offsets = torch.arange(self.num_codebooks, device=tables.device) * 2**self.bits
+        best = tables.new_full((num, nprobe * k), -math.inf if ip else math.inf)
+        best_ids = torch.full((num, nprobe * k), -1, dtype=torch.long, device=tables.device)
         # (query, slot) pairs grouped by list: each list is scanned once for all the queries probing it
-        pairs, position = (probe * nprobe + torch.arange(nprobe, device=probe.device)).flatten().sort()
+        pairs, position = (probe * nprobe + torch.arange(nprobe, device=probe.device))[selected].sort()
+        position = selected.flatten().nonzero()[:, 0][position]
         lists, counts = torch.unique_consecutive(pairs // nprobe, return_counts=True)
-        list_tables = self._list_tables(lists) if not ip and self.method != "rvq" else None
-        found_queries, found_columns, found_scores, found_ids = [], [], [], []
+        list_tables = self._list_tables(lists) if terms is not None and not self._stores_norms else None
+        found = []
         for i, (lst, qi, slot) in enumerate(
             zip(lists.tolist(), position.split(counts.tolist()), pairs.split(counts.tolist()))
         ):
-            lo, hi = bounds[lst], bounds[lst + 1]
-            if lo == hi:
-                continue
+            lo, hi = int(bounds[lst]), int(bounds[lst + 1])
             qi, slot = qi // nprobe, slot % nprobe
             weight = tables[qi]  # (q, M * K)
             if list_tables is not None:  # plus the list's query-independent term, summed alike
@@ -378,30 +423,91 @@ class EmbeddingCodec(nn.Module):
             step = max(1, SCORE_BUDGET // len(qi))
             for start in range(lo, hi, step):
                 stop = min(start + step, hi)
-                rows = torch.arange(start, stop, device=queries.device) if order is None else order[start:stop]
-                scores = F.embedding_bag(scan_codes[start:stop].long() + offsets, weight, mode="sum")  # (n, q)
+                scores = F.embedding_bag(codes[start:stop].long() + offsets, weight, mode="sum")  # (n, q)
                 if self._stores_norms:
-                    scores = scores + self.norms[rows, None]
+                    scores = scores + terms[start:stop, None]
                 values, picked = _top_rows(scores, k, largest=ip)
                 tops.append(values)
-                top_ids.append(rows[picked])
+                top_ids.append(picked + start)
             if len(tops) > 1:
                 values, picked = _top_rows(torch.cat(tops), k, largest=ip)
                 tops, top_ids = [values], [torch.cat(top_ids).gather(0, picked)]
-            found_queries.append(qi[:, None].expand(-1, tops[0].shape[0]))
-            found_columns.append((slot * k)[:, None] + torch.arange(tops[0].shape[0], device=queries.device))
-            found_scores.append(tops[0].T + shift[qi, lst][:, None])
-            found_ids.append(top_ids[0].T)
-        best = queries.new_full((num, nprobe * k), -math.inf if ip else math.inf)
-        best_ids = torch.full((num, nprobe * k), -1, dtype=torch.long, device=queries.device)
-        where = (torch.cat([f.flatten() for f in found_queries]), torch.cat([f.flatten() for f in found_columns]))
-        best[where] = torch.cat([f.flatten() for f in found_scores])
-        best_ids[where] = torch.cat([f.flatten() for f in found_ids])
-        found = best.topk(k, dim=1, largest=ip)
-        scores, ids = found.values, best_ids.gather(1, found.indices)
-        if not ip:  # add the queries' own norms: true squared distances
-            scores = scores + queries.pow(2).sum(-1, keepdim=True)
-        return scores, ids
+            columns = (slot * k)[:, None] + torch.arange(tops[0].shape[0], device=tables.device)
+            found.append((qi[:, None].expand_as(columns), columns, tops[0].T + shift[qi, lst][:, None], top_ids[0].T))
+        if found:
+            where = tuple(torch.cat([f[i].flatten() for f in found]) for i in (0, 1))
+            best[where] = torch.cat([f[2].flatten() for f in found])
+            best_ids[where] = self._rows(torch.cat([f[3].flatten() for f in found]))
+        return best, best_ids
+
+    def _scan_short_lists(self, tables, shift, probe, selected, k):
+        """Per (query, list) pair, each candidate's codes gathered and summed: scores, ids (Q, k)."""
+        ip, num, width = self.metric == "ip", len(tables), tables.shape[1]
+        _, bounds, codes, terms = self._scan()
+        offsets = torch.arange(self.num_codebooks, device=tables.device, dtype=torch.int32) * 2**self.bits
+        best = tables.new_full((num, k), -math.inf if ip else math.inf)
+        best_ids = torch.full((num, k), -1, dtype=torch.long, device=tables.device)
+        query, slot = selected.nonzero(as_tuple=True)  # pairs in query order
+        lists = probe[query, slot]
+        lengths = bounds.diff()[lists]
+        per_query = torch.zeros(num, dtype=torch.long, device=tables.device).index_add_(0, query, lengths)
+        ends = per_query.cumsum(0)
+        # query blocks of at most SCORE_BUDGET gathered codes (at least one query each)
+        cuts = [
+            0,
+            *torch.searchsorted(
+                ends,
+                torch.arange(1, 1 + int(ends[-1]) * self.num_codebooks // SCORE_BUDGET, device=ends.device)
+                * SCORE_BUDGET
+                // self.num_codebooks,
+            ).tolist(),
+            num,
+        ]
+        for qa, qb in zip(cuts[:-1], cuts[1:]):
+            qb = max(qb, qa + 1) if qa < num else qb
+            if qa >= qb:
+                continue
+            in_block = (query >= qa) & (query < qb)
+            b_query, b_lists, b_lengths = query[in_block] - qa, lists[in_block], lengths[in_block]
+            total = int(b_lengths.sum())
+            if total == 0:
+                continue
+            pair_of = torch.repeat_interleave(torch.arange(len(b_lists), device=tables.device), b_lengths)
+            position = (
+                torch.arange(total, device=tables.device)
+                + (bounds[b_lists] - (b_lengths.cumsum(0) - b_lengths))[pair_of]
+            )
+            cand_query = b_query[pair_of]
+            index = codes[position].int()
+            index += offsets
+            index += (cand_query.int() * width)[:, None]
+            scores = F.embedding_bag(index, tables[qa:qb].reshape(-1, 1), mode="sum")[:, 0]
+            scores += shift[b_query + qa, b_lists][pair_of]
+            if terms is not None:
+                scores += terms[position]
+            counts = per_query[qa:qb]
+            starts = counts.cumsum(0) - counts
+            dense = scores.new_full((qb - qa, int(counts.max())), -math.inf if ip else math.inf)
+            dense.view(-1)[
+                torch.arange(total, device=tables.device) + (cand_query * dense.shape[1] - starts[cand_query])
+            ] = scores
+            top = dense.topk(min(k, dense.shape[1]), dim=1, largest=ip)
+            valid = top.indices < counts[:, None]
+            picked = position[(top.indices + starts[:, None]).clamp(max=total - 1)]
+            best[qa:qb, : top.values.shape[1]] = top.values
+            best_ids[qa:qb, : top.values.shape[1]] = torch.where(valid, self._rows(picked), -1)
+        return best, best_ids
+
+    def _rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Database row ids of scan positions."""
+        order = self._scan()[0]
+        return positions if order is None else order[positions]
+
+    def _residual_terms(self, lists: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """PQ/OPQ: 2 (centroid R).e + |e|^2 of each vector's coded rotated residual e, so that
+        |q - centroid - e R^T|^2 = |q|^2 - 2 q.centroid + |centroid|^2 - 2 (q R).e + this."""
+        residual = self._decode_rotated(codes)
+        return 2 * ((self.centroids[lists] @ self.rotation) * residual).sum(-1) + residual.pow(2).sum(-1)
 
     def _query_tables(self, queries: torch.Tensor) -> torch.Tensor:
         """Per query and codebook, the query-dependent score of every entry (Q, M, K): q.c (IP) or
@@ -455,9 +561,9 @@ class EmbeddingCodec(nn.Module):
             quantizer.this.disown()
             index.own_fields = True
             rows = pq_codes.numpy().reshape(len(lists), -1)
-            order, bounds, _ = self._scan()
+            order, bounds = self._scan()[:2]
             for lst in range(self.num_lists):
-                ids = order[bounds[lst] : bounds[lst + 1]].numpy()
+                ids = order[int(bounds[lst]) : int(bounds[lst + 1])].numpy()
                 chunk = np.ascontiguousarray(rows[ids])
                 index.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(chunk))
         faiss.copy_array_to_vector(self.codebooks.detach().cpu().float().numpy().ravel(), index.pq.centroids)
