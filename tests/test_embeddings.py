@@ -29,13 +29,22 @@ def test_round_trip_error_falls_with_more_codebooks(method):
     assert relative_error(fine, x) < 0.9 * relative_error(coarse, x) < 0.2
 
 
+def test_rvq_refinement_lowers_the_error():
+    x = mixture()
+    plain = EmbeddingCodec(32, "rvq", 4, 6, beam=4, refine_iters=0).fit(x)
+    refined = EmbeddingCodec(32, "rvq", 4, 6, beam=4, refine_iters=2).fit(x)
+    assert relative_error(refined, x) < 0.97 * relative_error(plain, x)
+    with pytest.raises(ValueError, match=r"refine_iters needs num_codebooks \* 2\^bits <= 8192.*got 48 x 256"):
+        EmbeddingCodec(32, "rvq", 48, 8)
+
+
 def test_opq_and_beam_search_beat_their_plain_versions():
     x = mixture()
     assert relative_error(EmbeddingCodec(32, "opq", 4, 6, opq_iters=3).fit(x), x) < relative_error(
         EmbeddingCodec(32, "pq", 4, 6).fit(x), x
     )
-    greedy = EmbeddingCodec(32, "rvq", 4, 6).fit(x)
-    beam = EmbeddingCodec(32, "rvq", 4, 6, beam=8).fit(x)
+    greedy = EmbeddingCodec(32, "rvq", 4, 6, refine_iters=0).fit(x)
+    beam = EmbeddingCodec(32, "rvq", 4, 6, beam=8, refine_iters=0).fit(x)
     assert relative_error(beam, x) < relative_error(greedy, x)
 
 

@@ -32,6 +32,7 @@ METHODS = ("pq", "opq", "rvq")
 METRICS = ("l2", "ip")
 HEADER_KEY = "tokenizers_q.embeddings"
 SCORE_BUDGET = 2**24  # most (database row, query) scores held at once: 64 MiB of float32
+MAX_REFINE_ENTRIES = 8192  # RVQ refinement solves a dense (M * K)^2 system in float64: 512 MiB at most
 OPQ_KMEANS_ITERS = 4  # k-means iterations per OPQ alternation after the first, warm-started
 QUERY_BLOCK = 1024  # queries scored together: their lookup tables are one embedding_bag weight
 
@@ -77,6 +78,8 @@ class EmbeddingCodec(nn.Module):
         num_iters: k-means iterations per codebook. Default: 20.
         opq_iters: OPQ alternations of PQ fitting (k-means warm-started from the previous codebooks) and
             rotation update. Default: 20.
+        refine_iters: RVQ alternations of beam encoding and a joint least-squares update of all codebooks
+            (additive-quantizer refinement; needs ``num_codebooks * 2^bits <= 8192``, 0 to skip). Default: 2.
         seed: training-sample and k-means seeding. Default: 0.
 
     A code holds the list id and ``num_codebooks`` codes of ``bits`` bits, exactly packed and
@@ -100,6 +103,7 @@ class EmbeddingCodec(nn.Module):
         beam: int = 1,
         num_iters: int = 20,
         opq_iters: int = 20,
+        refine_iters: int = 2,
         seed: int = 0,
     ):
         super().__init__()
@@ -112,11 +116,16 @@ class EmbeddingCodec(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(bits, int) or not 1 <= bits <= 16:
             raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+        if method == "rvq" and refine_iters and num_codebooks * 2**bits > MAX_REFINE_ENTRIES:
+            raise ValueError(
+                f"refine_iters needs num_codebooks * 2^bits <= {MAX_REFINE_ENTRIES} (a dense joint solve), got "
+                f"{num_codebooks} x {2**bits}: use refine_iters=0"
+            )
         if method != "rvq" and dim % num_codebooks:
             raise ValueError(f"num_codebooks {num_codebooks} must divide dim {dim} for {method}")
         self.config = dict(
             dim=dim, method=method, num_codebooks=num_codebooks, bits=bits, metric=metric, num_lists=num_lists,
-            beam=beam, num_iters=num_iters, opq_iters=opq_iters, seed=seed,
+            beam=beam, num_iters=num_iters, opq_iters=opq_iters, refine_iters=refine_iters, seed=seed,
         )  # fmt: skip
         self.dim, self.method, self.metric = dim, method, metric
         self.num_codebooks, self.bits, self.num_lists, self.beam = num_codebooks, bits, num_lists, beam
@@ -130,7 +139,7 @@ class EmbeddingCodec(nn.Module):
         self.register_buffer("database", torch.zeros(0, self.code_bytes, dtype=torch.uint8))
         self.register_buffer("norms", torch.zeros(0))  # RVQ under L2: |decoded|^2 per database vector
         self.register_buffer("fitted", torch.tensor(False))
-        self._scan_cache = None  # see _scan
+        self._search_cache = {}  # see _cached
 
     @property
     def code_bytes(self) -> int:
@@ -173,6 +182,9 @@ class EmbeddingCodec(nn.Module):
                 fit = kmeans(residual, 2**self.bits, self.config["num_iters"], generator=generator)
                 self.codebooks[m] = fit.centroids
                 residual = residual - fit.centroids[fit.assignments]
+            targets = x - self.centroids[self._assign(x)]
+            for _ in range(self.config["refine_iters"]):
+                self._refine_codebooks(targets, self._encode_rvq(targets))
         else:
             rotation = torch.eye(self.dim, device=x.device)
             for step in range(self.config["opq_iters"] if self.method == "opq" else 0):
@@ -191,6 +203,26 @@ class EmbeddingCodec(nn.Module):
         subs = rotated.reshape(rotated.shape[0], self.num_codebooks, -1).transpose(0, 1).contiguous()
         init = self.codebooks if warm else "kmeans++"
         self.codebooks.copy_(kmeans(subs, 2**self.bits, num_iters, init=init, generator=generator).centroids)
+
+    def _refine_codebooks(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """All RVQ codebooks at once, the least-squares fit of ``x`` by the sum of its codes' entries:
+        (B^T B + l I) C = B^T x + l C_old with B the one-hot code matrix; entries no vector uses keep
+        their value (the ridge ``l`` pulls towards the current codebooks)."""
+        size, width = 2**self.bits, self.num_codebooks * 2**self.bits
+        flat = codes + torch.arange(self.num_codebooks, device=codes.device) * size  # (N, M) rows of B^T B
+        gram = torch.zeros(width * width, dtype=torch.float64, device=x.device)
+        rhs = torch.zeros(width, self.dim, dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), 8192):
+            rows = flat[start : start + 8192]
+            gram += torch.bincount((rows[:, :, None] * width + rows[:, None, :]).flatten(), minlength=width * width)
+            for m in range(self.num_codebooks):
+                rhs.index_add_(0, rows[:, m], x[start : start + 8192].double())
+        gram = gram.view(width, width)
+        ridge = 1e-3 * gram.diagonal().mean()
+        old = self.codebooks.reshape(width, self.dim).double()
+        factor = torch.linalg.cholesky(gram + ridge * torch.eye(width, dtype=torch.float64, device=x.device))
+        solved = torch.cholesky_solve(rhs + ridge * old, factor)
+        self.codebooks.copy_(solved.reshape(self.codebooks.shape).float())
 
     # -- codes -----------------------------------------------------------------------------------
     def _assign(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,43 +318,57 @@ class EmbeddingCodec(nn.Module):
         if norms:
             self.norms = torch.cat([self.norms, *norms])
 
-    def _scan(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """How search reads the database, cached until the database changes.
+    def _cached(self, name: str, build):
+        """``build()``, kept until the database changes (grows, is replaced, or is written in place)."""
+        key = (self.database.data_ptr(), self.database.shape[0], self.database._version)
+        if self._search_cache.get("key") != key:
+            self._search_cache = {"key": key}
+        if name not in self._search_cache:
+            self._search_cache[name] = build()
+        return self._search_cache[name]
+
+    def _scan(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """How search reads the database (cached).
 
         Returns:
             order: database row of each scan position (None: storage order, without a partition).
             bounds: (num_lists + 1,) each list's first scan position, and the end.
             codes: (N, num_codebooks) uint8 (int32 above 8 bits) in scan order; without a partition and
                 with 8-bit codes it is the database itself, otherwise one more copy of the codes.
-            terms: (N,) float32 in scan order, each vector's query-independent score (PQ/OPQ under L2:
-                |centroid + residual|^2 - |centroid|^2; RVQ under L2: its stored norm), or None (IP).
         """
-        key = (self.database.data_ptr(), self.database.shape[0])
-        if self._scan_cache is None or self._scan_cache[0] != key:
+
+        def build():
             lists, codes = self._unpack(self.database)
             order = None if self.num_lists == 1 else lists.argsort(stable=True)
             bounds = F.pad(torch.bincount(lists, minlength=self.num_lists).cumsum(0), (1, 0))
-            if order is not None:
-                codes, lists = codes[order], lists[order]
-            terms = None
-            if self._stores_norms:
-                terms = self.norms if order is None else self.norms[order]
-            elif self.metric == "l2":  # 2 (centroid R).e + |e|^2 of each rotated residual e, in bounded chunks
-                terms = (
-                    torch.cat(
-                        [
-                            self._residual_terms(lists[s : s + 65536], codes[s : s + 65536])
-                            for s in range(0, len(codes), 65536)
-                        ]
-                    )
-                    if len(codes)
-                    else codes.new_zeros(0, dtype=torch.float32)
-                )
             if self.num_lists == 1 and self.spec.bits == (8,) * self.spec.num_codebooks:
                 codes = self.database
-            codes = codes.to(torch.uint8 if self.bits <= 8 else torch.int32)
-            self._scan_cache = (key, order, bounds, codes, terms)
-        return self._scan_cache[1:]
+            elif order is not None:
+                codes = codes[order]
+            return order, bounds, codes.to(torch.uint8 if self.bits <= 8 else torch.int32)
+
+        return self._cached("scan", build)
+
+    def _terms(self) -> torch.Tensor | None:
+        """(N,) float32 in scan order, each vector's query-independent score under L2 (cached): RVQ its
+        stored norm; PQ/OPQ 2 (centroid R).e + |e|^2 of its coded rotated residual e, so that
+        |q - centroid - e R^T|^2 = |q|^2 - 2 q.centroid + |centroid|^2 - 2 (q R).e + this. None under IP."""
+        if self.metric == "ip":
+            return None
+        order, bounds, codes = self._scan()
+        if self._stores_norms:
+            return self.norms if order is None else self._cached("terms", lambda: self.norms[order])
+
+        def build():
+            lists = torch.repeat_interleave(torch.arange(self.num_lists, device=codes.device), bounds.diff())
+            terms = codes.new_zeros(len(codes), dtype=torch.float32)
+            for start in range(0, len(codes), 65536):  # bounded memory: decode a chunk at a time
+                residual = self._decode_rotated(codes[start : start + 65536].long())
+                centroids = self.centroids[lists[start : start + 65536]] @ self.rotation
+                terms[start : start + 65536] = 2 * (centroids * residual).sum(-1) + residual.pow(2).sum(-1)
+            return terms
+
+        return self._cached("terms", build)
 
     # -- search ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -400,7 +446,8 @@ class EmbeddingCodec(nn.Module):
     def _scan_long_lists(self, tables, shift, probe, selected, k):
         """Per list, all its probing queries at once: scores (Q, nprobe * k), ids (unfilled: -1)."""
         ip, num, nprobe = self.metric == "ip", len(tables), probe.shape[1]
-        order, bounds, codes, terms = self._scan()
+        order, bounds, codes = self._scan()
+        terms = self._terms() if self._stores_norms else None  # PQ/OPQ terms are folded into the tables
         offsets = torch.arange(self.num_codebooks, device=tables.device) * 2**self.bits
         best = tables.new_full((num, nprobe * k), -math.inf if ip else math.inf)
         best_ids = torch.full((num, nprobe * k), -1, dtype=torch.long, device=tables.device)
@@ -408,7 +455,7 @@ class EmbeddingCodec(nn.Module):
         pairs, position = (probe * nprobe + torch.arange(nprobe, device=probe.device))[selected].sort()
         position = selected.flatten().nonzero()[:, 0][position]
         lists, counts = torch.unique_consecutive(pairs // nprobe, return_counts=True)
-        list_tables = self._list_tables(lists) if terms is not None and not self._stores_norms else None
+        list_tables = self._list_tables(lists) if not ip and not self._stores_norms else None
         found = []
         for i, (lst, qi, slot) in enumerate(
             zip(lists.tolist(), position.split(counts.tolist()), pairs.split(counts.tolist()))
@@ -424,7 +471,7 @@ class EmbeddingCodec(nn.Module):
             for start in range(lo, hi, step):
                 stop = min(start + step, hi)
                 scores = F.embedding_bag(codes[start:stop].long() + offsets, weight, mode="sum")  # (n, q)
-                if self._stores_norms:
+                if terms is not None:
                     scores = scores + terms[start:stop, None]
                 values, picked = _top_rows(scores, k, largest=ip)
                 tops.append(values)
@@ -443,7 +490,8 @@ class EmbeddingCodec(nn.Module):
     def _scan_short_lists(self, tables, shift, probe, selected, k):
         """Per (query, list) pair, each candidate's codes gathered and summed: scores, ids (Q, k)."""
         ip, num, width = self.metric == "ip", len(tables), tables.shape[1]
-        _, bounds, codes, terms = self._scan()
+        _, bounds, codes = self._scan()
+        terms = self._terms()
         offsets = torch.arange(self.num_codebooks, device=tables.device, dtype=torch.int32) * 2**self.bits
         best = tables.new_full((num, k), -math.inf if ip else math.inf)
         best_ids = torch.full((num, k), -1, dtype=torch.long, device=tables.device)
@@ -502,12 +550,6 @@ class EmbeddingCodec(nn.Module):
         """Database row ids of scan positions."""
         order = self._scan()[0]
         return positions if order is None else order[positions]
-
-    def _residual_terms(self, lists: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """PQ/OPQ: 2 (centroid R).e + |e|^2 of each vector's coded rotated residual e, so that
-        |q - centroid - e R^T|^2 = |q|^2 - 2 q.centroid + |centroid|^2 - 2 (q R).e + this."""
-        residual = self._decode_rotated(codes)
-        return 2 * ((self.centroids[lists] @ self.rotation) * residual).sum(-1) + residual.pow(2).sum(-1)
 
     def _query_tables(self, queries: torch.Tensor) -> torch.Tensor:
         """Per query and codebook, the query-dependent score of every entry (Q, M, K): q.c (IP) or
