@@ -84,6 +84,18 @@ def test_partitioned_search_scans_only_the_probed_lists(metric):
     assert not outside.gather(1, ids).any()
 
 
+def test_probed_lists_with_fewer_than_k_vectors_fill_with_missing_ids():
+    x = mixture()
+    codec = EmbeddingCodec(32, "pq", 4, 6, num_lists=16).fit(x)
+    codec.add(x)
+    sizes = torch.bincount(codec._unpack(codec.database)[0], minlength=16)
+    scores, ids = codec.search(x[:40], k=400, nprobe=1)
+    found = (ids >= 0).sum(1)
+    probed = codec._unpack(codec.encode(x[:40]))[0]  # a database vector's own list is its nearest
+    assert torch.equal(found, sizes[probed].clamp(max=400)) and (found < 400).any()
+    assert torch.isinf(scores[ids < 0]).all() and torch.isfinite(scores[ids >= 0]).all()
+
+
 def test_partition_lowers_the_error_of_the_same_codes():
     x = mixture()
     flat = EmbeddingCodec(32, "pq", 4, 6).fit(x)

@@ -151,6 +151,11 @@ class EmbeddingCodec(nn.Module):
         return self.code_bytes + (4 if self._stores_norms else 0)
 
     @property
+    def _whole_bytes(self) -> bool:
+        """Every code (list id included) takes exactly one byte."""
+        return self.spec.bits == (8,) * self.spec.num_codebooks
+
+    @property
     def _stores_norms(self) -> bool:
         return self.method == "rvq" and self.metric == "l2"
 
@@ -266,7 +271,10 @@ class EmbeddingCodec(nn.Module):
         columns = ([lists[:, None]] if self.num_lists > 1 else []) + [codes]
         padding = self.spec.num_codebooks - sum(c.shape[1] for c in columns)
         columns.append(codes.new_zeros(codes.shape[0], padding))
-        return pack_codes(torch.cat(columns, 1), self.spec).reshape(x.shape[0], self.code_bytes).to(x.device)
+        tokens = torch.cat(columns, 1)
+        if self._whole_bytes:  # every code is one byte: the packed form is the codes themselves
+            return tokens.to(torch.uint8)
+        return pack_codes(tokens, self.spec).reshape(x.shape[0], self.code_bytes).to(x.device)
 
     @torch.no_grad()
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
@@ -284,7 +292,7 @@ class EmbeddingCodec(nn.Module):
                 f"expected packed codes (N, {self.code_bytes}) uint8 from this codec, got {tuple(packed.shape)}"
             )
         n = packed.shape[0]
-        if self.spec.bits == (8,) * self.spec.num_codebooks:  # whole bytes: the codes are the bytes
+        if self._whole_bytes:
             tokens = packed.long()
         else:
             tokens = unpack_codes(packed.reshape(-1), self.spec, (n, self.spec.num_codebooks)).to(packed.device)
@@ -341,7 +349,7 @@ class EmbeddingCodec(nn.Module):
             lists, codes = self._unpack(self.database)
             order = None if self.num_lists == 1 else lists.argsort(stable=True)
             bounds = F.pad(torch.bincount(lists, minlength=self.num_lists).cumsum(0), (1, 0))
-            if self.num_lists == 1 and self.spec.bits == (8,) * self.spec.num_codebooks:
+            if self.num_lists == 1 and self._whole_bytes:
                 codes = self.database
             elif order is not None:
                 codes = codes[order]
@@ -490,9 +498,10 @@ class EmbeddingCodec(nn.Module):
     def _scan_short_lists(self, tables, shift, probe, selected, k):
         """Per (query, list) pair, each candidate's codes gathered and summed: scores, ids (Q, k)."""
         ip, num, width = self.metric == "ip", len(tables), tables.shape[1]
-        _, bounds, codes = self._scan()
+        _, bounds, scan_codes = self._scan()
         terms = self._terms()
         offsets = torch.arange(self.num_codebooks, device=tables.device, dtype=torch.int32) * 2**self.bits
+        codes = self._cached("short_codes", lambda: scan_codes.int() + offsets)  # table rows, int32
         best = tables.new_full((num, k), -math.inf if ip else math.inf)
         best_ids = torch.full((num, k), -1, dtype=torch.long, device=tables.device)
         query, slot = selected.nonzero(as_tuple=True)  # pairs in query order
@@ -500,21 +509,11 @@ class EmbeddingCodec(nn.Module):
         lengths = bounds.diff()[lists]
         per_query = torch.zeros(num, dtype=torch.long, device=tables.device).index_add_(0, query, lengths)
         ends = per_query.cumsum(0)
-        # query blocks of at most SCORE_BUDGET gathered codes (at least one query each)
-        cuts = [
-            0,
-            *torch.searchsorted(
-                ends,
-                torch.arange(1, 1 + int(ends[-1]) * self.num_codebooks // SCORE_BUDGET, device=ends.device)
-                * SCORE_BUDGET
-                // self.num_codebooks,
-            ).tolist(),
-            num,
-        ]
+        # blocks of queries holding about SCORE_BUDGET gathered codes each (a block has at least one query)
+        per_block = max(1, SCORE_BUDGET // self.num_codebooks)
+        marks = torch.arange(1, int(ends[-1]) // per_block + 1, device=ends.device) * per_block
+        cuts = torch.cat([ends.new_tensor([0, num]), torch.searchsorted(ends, marks, right=True)]).unique().tolist()
         for qa, qb in zip(cuts[:-1], cuts[1:]):
-            qb = max(qb, qa + 1) if qa < num else qb
-            if qa >= qb:
-                continue
             in_block = (query >= qa) & (query < qb)
             b_query, b_lists, b_lengths = query[in_block] - qa, lists[in_block], lengths[in_block]
             total = int(b_lengths.sum())
@@ -526,8 +525,7 @@ class EmbeddingCodec(nn.Module):
                 + (bounds[b_lists] - (b_lengths.cumsum(0) - b_lengths))[pair_of]
             )
             cand_query = b_query[pair_of]
-            index = codes[position].int()
-            index += offsets
+            index = codes[position]
             index += (cand_query.int() * width)[:, None]
             scores = F.embedding_bag(index, tables[qa:qb].reshape(-1, 1), mode="sum")[:, 0]
             scores += shift[b_query + qa, b_lists][pair_of]
@@ -570,14 +568,20 @@ class EmbeddingCodec(nn.Module):
         return tables.reshape(len(lists), -1)
 
     def _rerank(self, queries, ids, vectors, k):
-        valid = ids >= 0
-        found = vectors[ids.clamp(min=0).flatten()].to(queries).reshape(*ids.shape, self.dim)
-        if self.metric == "ip":
-            exact = torch.einsum("qd,qrd->qr", queries, found).masked_fill(~valid, -math.inf)
-        else:
-            exact = (found - queries[:, None]).pow(2).sum(-1).masked_fill(~valid, math.inf)
-        top = exact.topk(k, dim=1, largest=self.metric == "ip")
-        return top.values, ids.gather(1, top.indices)
+        """Exact scores of the candidates ``ids`` (Q, R) against their original vectors; the best k."""
+        scores, best = [], []
+        step = max(1, SCORE_BUDGET // (ids.shape[1] * self.dim))  # queries per chunk of gathered vectors
+        for start in range(0, len(ids), step):
+            chunk, query = ids[start : start + step], queries[start : start + step]
+            found = vectors[chunk.clamp(min=0).flatten()].to(query).reshape(*chunk.shape, self.dim)
+            exact = torch.bmm(found, query[:, :, None])[..., 0]  # q.x (Q, R)
+            if self.metric == "l2":
+                exact = found.pow(2).sum(-1) - 2 * exact + query.pow(2).sum(-1, keepdim=True)
+            exact = exact.masked_fill(chunk < 0, -math.inf if self.metric == "ip" else math.inf)
+            top = exact.topk(k, dim=1, largest=self.metric == "ip")
+            scores.append(top.values)
+            best.append(chunk.gather(1, top.indices))
+        return torch.cat(scores), torch.cat(best)
 
     # -- FAISS export ----------------------------------------------------------------------------
     def to_faiss(self):
