@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tokenizers_q.files import atomic_write, read_safetensors
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
-from tokenizers_q.search import nearest
+from tokenizers_q.search import nearest, top_rows
 
 METHODS = ("pq", "opq", "rvq")
 METRICS = ("l2", "ip")
@@ -35,28 +35,6 @@ SCORE_BUDGET = 2**24  # most (database row, query) scores held at once: 64 MiB o
 MAX_REFINE_ENTRIES = 8192  # RVQ refinement solves a dense (M * K)^2 system in float64: 512 MiB at most
 OPQ_KMEANS_ITERS = 4  # k-means iterations per OPQ alternation after the first, warm-started
 QUERY_BLOCK = 1024  # queries scored together: their lookup tables are one embedding_bag weight
-
-
-def _top_rows(scores: torch.Tensor, k: int, largest: bool, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best rows of every column: values and row indices (min(k, n), q).
-
-    Rows are first reduced to the best of each group of ``group``; the ``k`` best groups hold the
-    ``k`` best rows, so the exact selection runs on ``k * group`` candidates only (5x faster than
-    ``topk`` over all rows of a large chunk).
-    """
-    n, k = scores.shape[0], min(k, scores.shape[0])
-    whole = n // group * group
-    if whole < 2 * k * group:
-        found = scores.topk(k, dim=0, largest=largest)
-        return found.values, found.indices
-    grouped = scores[:whole].view(-1, group, scores.shape[1])
-    extremes = grouped.amax(1) if largest else grouped.amin(1)
-    groups = extremes.topk(k, dim=0, largest=largest).indices  # (k, q)
-    rows = (groups[:, None] * group + torch.arange(group, device=scores.device)[:, None]).flatten(0, 1)
-    rest = torch.arange(whole, n, device=scores.device)[:, None].expand(-1, scores.shape[1])
-    rows = torch.cat([rows, rest])
-    found = scores.gather(0, rows).topk(k, dim=0, largest=largest)
-    return found.values, rows.gather(0, found.indices)
 
 
 class EmbeddingCodec(nn.Module):
@@ -481,11 +459,11 @@ class EmbeddingCodec(nn.Module):
                 scores = F.embedding_bag(codes[start:stop].long() + offsets, weight, mode="sum")  # (n, q)
                 if terms is not None:
                     scores = scores + terms[start:stop, None]
-                values, picked = _top_rows(scores, k, largest=ip)
+                values, picked = top_rows(scores, k, largest=ip)
                 tops.append(values)
                 top_ids.append(picked + start)
             if len(tops) > 1:
-                values, picked = _top_rows(torch.cat(tops), k, largest=ip)
+                values, picked = top_rows(torch.cat(tops), k, largest=ip)
                 tops, top_ids = [values], [torch.cat(top_ids).gather(0, picked)]
             columns = (slot * k)[:, None] + torch.arange(tops[0].shape[0], device=tables.device)
             found.append((qi[:, None].expand_as(columns), columns, tops[0].T + shift[qi, lst][:, None], top_ids[0].T))
@@ -583,50 +561,11 @@ class EmbeddingCodec(nn.Module):
             best.append(chunk.gather(1, top.indices))
         return torch.cat(scores), torch.cat(best)
 
-    # -- FAISS export ----------------------------------------------------------------------------
     def to_faiss(self):
-        """An equivalent FAISS index holding this database's codes, to serve the same codes with FAISS
-        (needs ``faiss-cpu``): ``IndexPQ``, or ``IndexIVFPQ`` with a partition (set its ``nprobe``);
-        OPQ inside an ``IndexPreTransform``."""
-        import faiss
-        import numpy as np
+        """An equivalent FAISS index holding this database's codes (see :mod:`tokenizers_q.embeddings.faiss_export`)."""
+        from tokenizers_q.embeddings.faiss_export import to_faiss
 
-        self._check_fitted()
-        if self.method == "rvq":
-            raise ValueError("FAISS export covers PQ and OPQ codecs; this one is rvq")
-        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        lists, codes = self._unpack(self.database)
-        pq_codes = pack_codes(codes, TokenSpec((2**self.bits,) * self.num_codebooks))  # FAISS's PQ layout
-        if self.num_lists == 1:
-            index = faiss.IndexPQ(self.dim, self.num_codebooks, self.bits, metric)
-            faiss.copy_array_to_vector(pq_codes.numpy(), index.codes)
-        else:
-            quantizer = faiss.IndexFlat(self.dim, metric)
-            quantizer.add((self.centroids @ self.rotation).cpu().numpy())  # coarse search in the rotated space
-            index = faiss.IndexIVFPQ(quantizer, self.dim, self.num_lists, self.num_codebooks, self.bits, metric)
-            quantizer.this.disown()
-            index.own_fields = True
-            rows = pq_codes.numpy().reshape(len(lists), -1)
-            order, bounds = self._scan()[:2]
-            for lst in range(self.num_lists):
-                ids = order[int(bounds[lst]) : int(bounds[lst + 1])].numpy()
-                chunk = np.ascontiguousarray(rows[ids])
-                index.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(chunk))
-        faiss.copy_array_to_vector(self.codebooks.detach().cpu().float().numpy().ravel(), index.pq.centroids)
-        index.is_trained = True
-        index.ntotal = self.database.shape[0]
-        if self.num_lists > 1:
-            index.precompute_table()
-        if self.method == "pq":
-            return index
-        transform = faiss.LinearTransform(self.dim, self.dim, False)
-        faiss.copy_array_to_vector(self.rotation.T.contiguous().cpu().numpy().ravel(), transform.A)
-        transform.is_trained = True
-        wrapped = faiss.IndexPreTransform(transform, index)
-        transform.this.disown()  # the wrapper owns and frees both parts
-        index.this.disown()
-        wrapped.own_fields = True
-        return wrapped
+        return to_faiss(self)
 
     # -- checks and files ------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, what: str) -> torch.Tensor:
