@@ -182,7 +182,7 @@ def test_bad_input_is_reported(tmp_path):
     with pytest.raises(ValueError, match="need at least 256 training vectors"):
         EmbeddingCodec(32, "pq", 4, 8).fit(x[:100])
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable embedding codec"):
         EmbeddingCodec.load(tmp_path / "bad.safetensors")
 
 

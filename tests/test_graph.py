@@ -16,6 +16,7 @@ from tokenizers_q.trainers.graph_data import (  # noqa: E402
     ba_house,
     contextual_sbm,
     edge_homophily,
+    save_graph,
 )
 from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule, load_graph_tokenizer  # noqa: E402
 from tokenizers_q.trainers.graph_transformer import GraphTransformerModule  # noqa: E402
@@ -144,6 +145,119 @@ def test_graph_data_module_keeps_a_users_masks(tmp_path):
     assert torch.equal(in_memory.data.x, graph.x) and in_memory.hparams.graph == "<in-memory Data>"
     with pytest.raises(ValueError, match="checkpoints do not keep: give graph="):
         GraphDataModule(**{k: v for k, v in in_memory.hparams.items()}).setup()
+
+
+class _Evil:
+    """A pickle that creates a file when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("wrap", ["dict", "object"])
+def test_a_pickle_that_runs_code_is_refused(tmp_path, wrap):
+    marker = tmp_path / "pwned"
+    evil = _Evil(marker)
+    path = tmp_path / "evil.pt"
+    torch.save(
+        {"x": torch.randn(3, 2), "edge_index": torch.tensor([[0], [1]]), "y": evil} if wrap == "dict" else evil, path
+    )
+    with pytest.raises(ValueError, match="evil.pt was refused: loading it would run code") as err:
+        GraphDataModule(graph=str(path)).setup()
+    assert not marker.exists()
+    assert "save_graph(torch.load(" in str(err.value) and "evil.safetensors" in str(err.value)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"PK not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt is not a readable torch.save file"):
+        GraphDataModule(graph=str(garbage)).setup()
+
+
+def test_the_refusal_gives_a_working_conversion_command(tmp_path):
+    import datetime
+    import re
+
+    graph = contextual_sbm(num_nodes=30, num_features=4, seed=3)
+    graph.created = datetime.date(2024, 1, 1)  # a class weights_only=True does not allow: a trusted file, refused
+    path = tmp_path / "trusted.pt"
+    torch.save(graph, path)
+    with pytest.raises(ValueError, match="it needs datetime.date") as err:
+        GraphDataModule(graph=str(path)).setup()
+    code = re.search(r'python -c "(.*)"', str(err.value)).group(1)
+    with pytest.warns(UserWarning, match=r"not written: \['created'\]"):
+        exec(code, {})
+    data = GraphDataModule(graph=str(tmp_path / "trusted.safetensors"))
+    data.setup()
+    assert torch.equal(data.data.x, graph.x) and torch.equal(data.data.y, graph.y)
+
+
+def test_a_torch_saved_data_loads_with_weights_only(tmp_path, monkeypatch):
+    graph = contextual_sbm(num_nodes=50, num_features=6, seed=1)
+    graph.edge_attr = torch.randn(graph.num_edges, 3)
+    torch.save(graph, tmp_path / "g.pt")
+    torch.save(graph.to_dict(), tmp_path / "d.pth")
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or load(*a, **kw))
+    for name in ("g.pt", "d.pth"):
+        data = GraphDataModule(graph=str(tmp_path / name))
+        data.setup()
+        assert torch.equal(data.data.x, graph.x) and torch.equal(data.data.edge_index, graph.edge_index)
+        assert torch.equal(data.data.edge_attr, graph.edge_attr) and data.num_classes == 4
+    assert calls == [True, True]
+
+
+def test_a_safetensors_graph_round_trips(tmp_path):
+    graph = contextual_sbm(num_nodes=80, num_features=5, seed=2)
+    graph.train_mask = torch.arange(80) < 40
+    graph.val_mask = (torch.arange(80) >= 40) & (torch.arange(80) < 60)
+    graph.test_mask = torch.arange(80) >= 60
+    graph.edge_weight = torch.rand(graph.num_edges)
+    path = save_graph(graph, tmp_path / "sub" / "g.safetensors")
+    data = GraphDataModule(graph=str(path))
+    data.setup()
+    for key in ("x", "edge_index", "y", "train_mask", "val_mask", "test_mask", "edge_weight"):
+        assert torch.equal(data.data[key], graph[key]), key
+    assert data.num_features == 5 and data.num_classes == 4 and data.hparams.graph == str(path)
+    unlabelled = save_graph(Data(x=graph.x, edge_index=graph.edge_index.int()), tmp_path / "u.safetensors")
+    data = GraphDataModule(graph=str(unlabelled))
+    data.setup()  # no masks in the file: seeded random splits; int32 edges were stored as int64
+    assert data.data.edge_index.dtype == torch.int64 and data.data.train_mask.sum() == 48
+    with pytest.warns(UserWarning, match=r"not written: \['name'\]"):
+        save_graph(Data(x=graph.x, edge_index=graph.edge_index, name="g"), tmp_path / "n.safetensors")
+
+
+def test_bad_safetensors_graphs_name_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    good = {"x": torch.randn(4, 3), "edge_index": torch.tensor([[0, 1, 2], [1, 2, 3]]), "y": torch.arange(4)}
+    cases = [
+        (
+            {"edge_index": torch.tensor([[0, 1], [1, 9]])},
+            r"'edge_index' must be int64 \(2, E\).*node 9, outside \[0, 4\)",
+        ),
+        ({"edge_index": good["edge_index"].int()}, r"'edge_index' must be int64 \(2, E\).*got torch.int32"),
+        ({"edge_index": good["edge_index"].T.contiguous()}, r"'edge_index' must be .*shape \(3, 2\)"),
+        ({"x": None}, r"tensor 'x' is missing"),
+        ({"x": torch.arange(4)}, r"'x' must be floating-point \(N, F\)"),
+        ({"y": torch.arange(5)}, r"'y' must be int64 \(N,\).*shape \(5,\)"),
+        ({"train_mask": torch.ones(4)}, r"'train_mask' must be bool \(N,\).*torch.float32"),
+        ({"edge_attr": torch.randn(2, 1)}, r"'edge_attr' must be .*\(E, ...\).*E = 3"),
+        ({"pos": torch.randn(4, 2)}, r"unknown tensors \['pos'\]"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        tensors = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(path))
+        with pytest.raises(ValueError, match=rf"bad{i}.safetensors: .*{message}"):
+            GraphDataModule(graph=str(path)).setup()
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="corrupt.safetensors is not a readable safetensors file"):
+        GraphDataModule(graph=str(tmp_path / "corrupt.safetensors")).setup()
+    with pytest.raises(ValueError, match="'y' must be int64"):
+        save_graph(Data(x=good["x"], edge_index=good["edge_index"], y=torch.rand(4)), tmp_path / "f.safetensors")
 
 
 # -- GNN encoder and SSL losses -------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_cli_decode_rejects_tokens_of_another_tokenizer(trained, image_folder, t
     vq_ckpt = trained / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="decode with the tokenizer that encoded them"):
         tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(vq_ckpt), "--output", str(tmp_path / "x.png")])
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="no exported module or checkpoint at"):
         tokq(["encode", "--ckpt", str(tmp_path / "nope.ckpt"), "--output", str(tokens_path)])
 
 

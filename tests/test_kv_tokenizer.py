@@ -142,10 +142,13 @@ def test_kv_tokenizer_errors(activations, tmp_path):
         KVActivationDataModule(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="token sequences \\(T,\\) of one length"):
         collect_attention_inputs(None, [torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)])
-    (tmp_path / "other.ckpt").write_bytes(b"")
     torch.save({"tokenizer_kind": "graph"}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="is not a KV tokenizer checkpoint"):
+    with pytest.raises(ValueError, match="other.ckpt is not a Lightning checkpoint"):
         load_kv_tokenizer(tmp_path / "other.ckpt")
+    image = {"state_dict": {}, "hyper_parameters": {"_class_path": "tokenizers_q.trainers.AutoencoderModule"}}
+    torch.save(image, tmp_path / "image.ckpt")
+    with pytest.raises(ValueError, match="image.ckpt holds AutoencoderModule, not KVTokenizerModule"):
+        load_kv_tokenizer(tmp_path / "image.ckpt")
 
 
 def test_activations_saved_to_a_file_are_served_alike(llama, tmp_path):

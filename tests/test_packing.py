@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenizers_q import TokenSpec, load_tokens, pack_codes, save_tokens, unpack_codes
+from tokenizers_q.files import write_artifact
 
 
 @settings(max_examples=60, deadline=None)
@@ -93,17 +94,12 @@ def test_token_file_errors(tmp_path):
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(2)}, str(foreign))
-    with pytest.raises(ValueError, match="not a tokenizers_q token file"):
+    with pytest.raises(ValueError, match="foreign.safetensors is a safetensors file but not a tokenizers_q artifact"):
         load_tokens(foreign)
+    # a well-formed artifact whose header promises more codes than its data holds
     lying = tmp_path / "lying.safetensors"
-    save_file(
-        {"codes": torch.zeros(3, dtype=torch.uint8)},
-        str(lying),
-        metadata={
-            "tokenizers_q": '{"format": "tokenizers_q.tokens", "version": 1, '
-            '"spec": {"codebook_sizes": [256]}, "shape": [10, 1]}'
-        },
-    )
+    config = {"spec": {"codebook_sizes": [256]}, "shape": [10, 1], "metadata": {}}
+    write_artifact(lying, "tokenizers_q.token_file", 2, config, {"codes": torch.zeros(3, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="lying.safetensors is a corrupt token file: packed codes hold 3 bytes"):
         load_tokens(lying)
 

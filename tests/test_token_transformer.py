@@ -277,5 +277,5 @@ def test_cli_fit_and_sample_through_a_tokenizer(trained, tmp_path):
     )
     with Image.open(grid) as im:
         assert im.size == (6 * 17 + 1, 18)  # 4x4 tokens decode to six 16x16 images in a row
-    with pytest.raises(ValueError, match="holds a AutoencoderModule, not a transformer on tokens"):
+    with pytest.raises(ValueError, match="last.ckpt holds AutoencoderModule, not TokenModule"):
         load_token_model(trained / "checkpoints" / "last.ckpt")

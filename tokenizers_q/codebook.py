@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers_q.distributed import all_gather_rows, all_reduce_sum_, broadcast_
+from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.distributed import all_gather_rows, all_reduce_sum_, broadcast_, is_distributed
 from tokenizers_q.kmeans import INITS, kmeans
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.search import nearest
@@ -143,12 +144,16 @@ class Codebook(nn.Module):
 
         Args:
             x: vectors to quantize.
-            update: apply training statistics (k-means init, EMA, dead-code revival).
+            update: apply training statistics (k-means init, EMA, dead-code revival). An empty
+                batch updates nothing in a single process; under DDP an empty rank still joins
+                the collectives (contributing nothing), so no other rank waits for it.
         """
+        check_finite(x, "Codebook: input", max_magnitude(self.dim))
         x = x.float()
+        update = update and (x.shape[0] > 0 or is_distributed())
         if update and not self._initted:
             self._init_from(x.detach())
-        indices, _ = nearest(x.detach(), self.codes.detach(), self.metric, self.max_elements)
+        indices, _ = nearest(x.detach(), self.codes.detach(), self.metric, self.max_elements, check_values=False)
         quantized = self.lookup(indices)
         counts = code_counts(indices, self.codebook_size)
         if update:
@@ -187,10 +192,14 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _revive_dead_codes(self, x: torch.Tensor) -> None:
-        """Replace codes whose EMA size fell below the threshold with rank 0's batch vectors."""
+        """Replace codes whose EMA size fell below the threshold with rank 0's batch vectors.
+
+        A rank with an empty batch (DDP only) draws from its current codes instead; only rank 0's draw is kept.
+        """
         dead = (self.cluster_size < self.threshold_ema_dead_code).unsqueeze(-1)
-        pick = torch.randint(0, x.shape[0], (self.codebook_size,), device=x.device)
-        samples = broadcast_(x[pick].contiguous())
+        source = x if x.shape[0] else self.codes.detach()
+        pick = torch.randint(0, source.shape[0], (self.codebook_size,), device=x.device)
+        samples = broadcast_(source[pick].contiguous())
         if self.use_cosine_sim:
             samples = F.normalize(samples, dim=-1)
         self.embed.data.copy_(torch.where(dead, samples, self.embed.data))

@@ -1,16 +1,40 @@
-"""Writing files so that a killed run never damages what was saved before."""
+"""The one file format of the library (artifacts), and writes that a killed run never damages.
+
+Every file the library writes (token files, quantized models, embedding codecs, exported tokenizers and
+token models) is an *artifact*: a safetensors file whose metadata holds one JSON header::
+
+    {"format": "tokenizers_q.token_file", "version": 2, "config": {...},
+     "tensors": {"codes": {"dtype": "uint8", "shape": [1200], "sha256": "..."},
+                 "lm_head.weight": {"alias": "embed.weight"}}}
+
+and, under a second key, the SHA-256 of that header text. :func:`read_artifact` checks the header's own
+checksum, the format, the version, and every tensor's dtype, shape and checksum *before* the caller builds
+anything from it, and raises ``ValueError`` naming the file, the tensor and the problem. Tensors that share
+memory (tied weights) are stored once and come back as one tensor. Nothing is ever unpickled.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+HEADER_KEY = "tokenizers_q"
+HEADER_CHECKSUM_KEY = "tokenizers_q.sha256"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename it into place.
+
+    On any exception (``KeyboardInterrupt`` included) the temporary file is removed and ``path`` keeps its
+    old content; a SIGKILL can leave a hidden ``.name.*`` temporary behind, never a half-written ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
@@ -19,29 +43,183 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     os.umask(umask)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
-def read_safetensors(path: str | os.PathLike, header_key: str, kind: str) -> tuple[dict, dict]:
-    """The JSON header under ``header_key`` and the tensors of a safetensors file written by this library;
-    clear errors for a missing file, an unreadable one, or one without that header (``kind`` names the file)."""
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename is then as durable as they allow
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tensor_sha256(tensor: torch.Tensor, digest: Any | None = None) -> str:
+    """SHA-256 of a tensor's bytes in C order (any dtype, any device); feeds ``digest`` when given."""
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    digest = digest if digest is not None else hashlib.sha256()
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def state_fingerprint(tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> str:
+    """A short stable fingerprint of named tensors (names, dtypes, shapes, bytes) and a JSON-able ``extra``."""
+    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}:{str(t.dtype)}:{list(t.shape)};".encode())
+        tensor_sha256(t, digest)
+    return digest.hexdigest()[:32]
+
+
+class Artifact(NamedTuple):
+    """What :func:`read_artifact` returns: the version written, the config, and the verified tensors."""
+
+    version: int
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def artifact_kind(format: str) -> str:
+    """The words for a format in messages: ``"tokenizers_q.token_file"`` -> ``"token file"``."""
+    return format.removeprefix("tokenizers_q.").replace("_", " ")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_artifact(
+    path: str | os.PathLike, format: str, version: int, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write ``tensors`` and the JSON-serialisable ``config`` as an artifact of ``format``/``version``, atomically.
+
+    Tensors sharing memory (the same storage, offset, shape and strides: tied weights) are written once.
+    """
+    from safetensors.torch import save_file
+
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"artifact tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+        tensor = tensor.detach()
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
+        key += (tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            entries[name] = {"alias": seen[key]}
+            continue
+        seen[key] = name
+        stored[name] = (
+            tensor.cpu().contiguous().clone() if _shares_storage(tensor, stored) else tensor.cpu().contiguous()
+        )
+        entries[name] = {
+            "dtype": _dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "sha256": tensor_sha256(tensor),
+        }
+    header = {"format": format, "version": version, "config": dict(config), "tensors": entries}
+    try:
+        text = json.dumps(header)
+    except TypeError as err:
+        raise TypeError(f"the config of a {format} artifact must be JSON-serialisable: {err}") from None
+    metadata = {HEADER_KEY: text, HEADER_CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    return atomic_write(path, lambda tmp: save_file(stored, tmp, metadata=metadata))
+
+
+def _shares_storage(tensor: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``tensor`` overlaps the memory of one already stored (a view of another; safetensors refuses it)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == ptr for t in stored.values())
+
+
+def read_artifact(path: str | os.PathLike, format: str, versions: int | Collection[int]) -> Artifact:
+    """Read and verify an artifact of ``format`` written with one of ``versions``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a safetensors file, not an artifact of ``format``, another version, a header or tensor
+            whose checksum, dtype or shape does not match, a tensor missing or unexpected. The message names
+            the file and, where it applies, the tensor.
+    """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
+    versions = {versions} if isinstance(versions, int) else set(versions)
+    kind = artifact_kind(format)
     if not path.is_file():
         raise FileNotFoundError(f"no {kind} at {path}")
     try:
-        with safe_open(str(path), "pt") as f:
-            header = (f.metadata() or {}).get(header_key)
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    if header is None:
-        raise ValueError(f"{path} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} file (no {header_key!r} header)")
-    return json.loads(header), state
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = set(f.keys())
+            header = _verified_header(path, metadata, format, versions)
+            entries = header["tensors"]
+            stored = {n: e for n, e in entries.items() if "alias" not in e}
+            if names != set(stored):
+                missing, unexpected = sorted(set(stored) - names), sorted(names - set(stored))
+                raise ValueError(f"{path}: tensors missing {missing}, unexpected {unexpected}")
+            tensors = {}
+            for name, entry in stored.items():
+                tensors[name] = tensor = f.get_tensor(name)
+                _verify_tensor(path, name, tensor, entry)
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path} is not a readable {kind}: {err}") from None
+    for name, entry in entries.items():
+        if "alias" in entry:
+            if entry["alias"] not in tensors:
+                raise ValueError(f"{path}: tensor {name!r} is an alias of {entry['alias']!r}, which the file lacks")
+            tensors[name] = tensors[entry["alias"]]
+    return Artifact(header["version"], header["config"], tensors)
+
+
+def _verified_header(path: Path, metadata: Mapping[str, str], format: str, versions: set[int]) -> dict:
+    text = metadata.get(HEADER_KEY)
+    if text is None:
+        raise ValueError(f"{path} is a safetensors file but not a tokenizers_q artifact (no {HEADER_KEY!r} header)")
+    if hashlib.sha256(text.encode()).hexdigest() != metadata.get(HEADER_CHECKSUM_KEY):
+        raise ValueError(f"{path}: the header does not match its checksum (the file was edited or is corrupt)")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the header is not JSON ({err})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
+        raise ValueError(f"{path}: the header is not a tokenizers_q artifact header")
+    if header.get("format") != format:
+        raise ValueError(
+            f"{path} holds a {header.get('format')!r} artifact, not a {artifact_kind(format)} ({format!r})"
+        )
+    if header.get("version") not in versions:
+        raise ValueError(
+            f"{path} is {format} version {header.get('version')!r}; this library reads version(s) {sorted(versions)}"
+        )
+    if not isinstance(header.get("config"), dict):
+        raise ValueError(f"{path}: the header has no config object")
+    return header
+
+
+def _verify_tensor(path: Path, name: str, tensor: torch.Tensor, entry: Mapping[str, Any]) -> None:
+    if _dtype_name(tensor.dtype) != entry.get("dtype") or list(tensor.shape) != entry.get("shape"):
+        raise ValueError(
+            f"{path}: tensor {name!r} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, "
+            f"the header says {entry.get('dtype')} {entry.get('shape')}"
+        )
+    if tensor_sha256(tensor) != entry.get("sha256"):
+        raise ValueError(f"{path}: tensor {name!r} does not match its checksum (the file is corrupt)")

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from tokenizers_q.checks import check_finite, max_magnitude
 from tokenizers_q.search import check_metric, nearest
 
 INITS = ("kmeans++", "random")
@@ -109,6 +110,7 @@ def kmeans(
     batched = x.dim() == 3
     if x.dim() not in (2, 3) or x.shape[-2] == 0:
         raise ValueError(f"kmeans expects x of shape (N, D) or (B, N, D) with N >= 1, got {tuple(x.shape)}")
+    check_finite(x, "kmeans: x", max_magnitude(x.shape[-1]))
     xb = (x if batched else x.unsqueeze(0)).float()
     if metric == "cosine":
         xb = F.normalize(xb, dim=-1)
@@ -125,6 +127,7 @@ def kmeans(
         if centroids.shape != (xb.shape[0], num_clusters, xb.shape[-1]):
             want = (num_clusters, xb.shape[-1]) if not batched else (xb.shape[0], num_clusters, xb.shape[-1])
             raise ValueError(f"initial centroids must have shape {want}, got {tuple(init.shape)}")
+        check_finite(centroids, "kmeans: initial centroids", max_magnitude(xb.shape[-1]))
     elif init == "kmeans++":
         centroids = _seed_kmeanspp(xb, wb, num_clusters, metric, generator)
     else:
@@ -133,7 +136,7 @@ def kmeans(
     b, _, d = xb.shape
     weighted = xb * wb.unsqueeze(-1)
     for _ in range(num_iters):
-        assign, _ = nearest(xb, centroids, metric, max_elements)
+        assign, _ = nearest(xb, centroids, metric, max_elements, check_values=False)
         sums = xb.new_zeros(b, num_clusters, d).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), weighted)
         counts = wb.new_zeros(b, num_clusters).scatter_add_(1, assign, wb)
         updated = sums / counts.clamp_min(1e-12).unsqueeze(-1)
@@ -141,7 +144,7 @@ def kmeans(
             updated = F.normalize(updated, dim=-1)
         centroids = torch.where(counts.unsqueeze(-1) > 0, updated, centroids)  # empty clusters stay put
 
-    assign, dist = nearest(xb, centroids, metric, max_elements)
+    assign, dist = nearest(xb, centroids, metric, max_elements, check_values=False)
     counts = wb.new_zeros(b, num_clusters).scatter_add_(1, assign, wb)
     inertia = (dist * wb).sum(-1)
     if not batched:

@@ -8,7 +8,6 @@ user metadata); they are written atomically and validated on load, never pickled
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,11 +16,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from tokenizers_q.files import atomic_write
+from tokenizers_q.files import read_artifact, write_artifact
 
-FORMAT = "tokenizers_q.tokens"
-VERSION = 1
-_HEADER_KEY = "tokenizers_q"
+FORMAT = "tokenizers_q.token_file"
+VERSION = 2  # 2: the artifact header with checksums
 _CODES_KEY = "codes"
 _ROWS_PER_CHUNK = 8 * 2**15  # a multiple of 8, so each chunk packs into whole bytes
 MAX_BITS = 62
@@ -175,13 +173,14 @@ def unpack_codes(packed: torch.Tensor, spec: TokenSpec, shape: tuple[int, ...]) 
 
 
 class TokenFile(NamedTuple):
-    """Contents of a token file: codes (*, num_codebooks) int64, their spec,
-    the user metadata dict, and extra tensors (e.g. labels)."""
+    """Contents of a token file: codes (*, num_codebooks) int64, their spec, the user metadata dict, extra
+    tensors (e.g. labels), and the fingerprint of the tokenizer that made them (None when not recorded)."""
 
     codes: torch.Tensor
     spec: TokenSpec
     metadata: dict[str, Any]
     extras: dict[str, torch.Tensor]
+    fingerprint: str | None = None
 
 
 def save_tokens(
@@ -190,8 +189,9 @@ def save_tokens(
     spec: TokenSpec,
     metadata: dict[str, Any] | None = None,
     extras: dict[str, torch.Tensor] | None = None,
+    fingerprint: str | None = None,
 ) -> Path:
-    """Write codes, exactly packed, to a safetensors token file.
+    """Write codes, exactly packed, to a token file (an artifact of format ``tokenizers_q.token_file``).
 
     The file is written to a temporary name in the same folder and renamed into
     place, so a killed run never leaves a half-written file over a good one.
@@ -202,58 +202,35 @@ def save_tokens(
         spec: their :class:`TokenSpec`.
         metadata: JSON-serialisable information (source data, tokenizer config...).
         extras: additional tensors stored alongside (e.g. class labels).
+        fingerprint: of the tokenizer that made the codes (see :func:`~tokenizers_q.files.state_fingerprint`);
+            decoding checks it.
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
+    if not isinstance(spec, TokenSpec):
+        raise TypeError(f"spec must be a TokenSpec, got {type(spec).__name__} {spec!r}")
     extras = dict(extras or {})
     if _CODES_KEY in extras:
         raise ValueError(f"extras may not use the reserved name {_CODES_KEY!r}")
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "spec": spec.to_dict(),
-        "shape": list(codes.shape),
-        "metadata": metadata or {},
-    }
-    try:
-        header_text = json.dumps(header)
-    except TypeError as err:
-        raise TypeError(f"metadata must be JSON-serialisable: {err}") from None
-    tensors = {_CODES_KEY: pack_codes(codes, spec)}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in extras.items()})
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_HEADER_KEY: header_text}))
+    config = {"spec": spec.to_dict(), "shape": list(codes.shape), "metadata": metadata or {}}
+    config["fingerprint"] = fingerprint
+    tensors = {_CODES_KEY: pack_codes(codes, spec), **extras}
+    return write_artifact(path, FORMAT, VERSION, config, tensors)
 
 
 def load_tokens(path: str | os.PathLike, expected_spec: TokenSpec | None = None) -> TokenFile:
-    """Read a token file written by :func:`save_tokens`, validating everything.
+    """Read a token file written by :func:`save_tokens`, verifying its checksums and code ranges.
 
     Raises ``ValueError`` naming the file when it is not a token file, is
     truncated or corrupt, or (with ``expected_spec``) holds another spec.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no token file at {path}")
+    config, tensors = read_artifact(path, FORMAT, VERSION)[1:]
+    if _CODES_KEY not in tensors:
+        raise ValueError(f"{path} is a token file without its {_CODES_KEY!r} tensor")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_HEADER_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a readable token file: {err}") from None
-    if raw is None or _CODES_KEY not in tensors:
-        raise ValueError(f"{path} is a safetensors file but not a tokenizers_q token file (no header)")
-    try:
-        header = json.loads(raw)
-        if header.get("format") != FORMAT:
-            raise ValueError(f"format is {header.get('format')!r}, expected {FORMAT!r}")
-        if header.get("version") != VERSION:
-            raise ValueError(f"version {header.get('version')!r} is not supported (expected {VERSION})")
-        spec = TokenSpec.from_dict(header["spec"])
-        codes = unpack_codes(tensors.pop(_CODES_KEY), spec, tuple(header["shape"]))
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        spec = TokenSpec.from_dict(config["spec"])
+        codes = unpack_codes(tensors.pop(_CODES_KEY), spec, tuple(config["shape"]))
+    except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is a corrupt token file: {err}") from None
     if expected_spec is not None and spec != expected_spec:
         raise ValueError(f"{path} holds tokens of {spec}, but {expected_spec} was expected")
-    return TokenFile(codes, spec, header.get("metadata", {}), tensors)
+    return TokenFile(codes, spec, config.get("metadata", {}), tensors, config.get("fingerprint"))

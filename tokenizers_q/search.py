@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenizers_q.checks import check_finite, max_magnitude
+
 METRICS = ("l2", "cosine")
 CPU_MAX_ELEMENTS = 2**20  # 4 MiB of float32 distances per chunk: stays in cache
 CUDA_MAX_ELEMENTS = 2**26  # 256 MiB per chunk: a few large matmuls instead of many small launches
@@ -33,6 +35,7 @@ def nearest(
     codes: torch.Tensor,
     metric: str = "l2",
     max_elements: int | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and distance to the nearest code for every row of ``x``.
 
@@ -43,6 +46,8 @@ def nearest(
             (distance ``1 - cos``; inputs need not be normalised).
         max_elements: most distance entries held in memory at once; default 2^20 on the CPU
             (4 MiB), 2^26 on CUDA (256 MiB).
+        check_values: raise on NaN, inf or magnitudes whose squared distances overflow; False for
+            callers that checked their inputs once already (k-means iterations, the codebook).
 
     Shapes:
         - x: (N, D) or (B, N, D)
@@ -61,6 +66,9 @@ def nearest(
             f"nearest expects x (N, D) with codes (K, D), or x (B, N, D) with codes (B, K, D); "
             f"got x {tuple(x.shape)} and codes {tuple(codes.shape)}"
         )
+    if check_values:
+        check_finite(x, "nearest: x", max_magnitude(x.shape[-1]))
+        check_finite(codes, "nearest: codes", max_magnitude(x.shape[-1]))
     if not batched:
         x, codes = x.unsqueeze(0), codes.unsqueeze(0)
     with torch.autocast(x.device.type, enabled=False):

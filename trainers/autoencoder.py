@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -224,11 +223,9 @@ class AutoencoderModule(L.LightningModule):
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
-def load_tokenizer(ckpt_path: str | Path) -> AutoencoderModule:
-    """The image tokenizer stored in a checkpoint, in eval mode on the CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with warnings.catch_warnings():  # rebuilding parts from the saved config is intended here
-        warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
-        return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+def load_tokenizer(path: str | Path) -> AutoencoderModule:
+    """The image tokenizer in an exported artifact (``tokq export``) or a checkpoint of one's own run, in eval
+    mode on the CPU; read safely (:func:`~tokenizers_q.trainers.artifacts.load_module`)."""
+    from tokenizers_q.trainers.artifacts import load_module
+
+    return load_module(path, AutoencoderModule)

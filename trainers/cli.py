@@ -2,7 +2,8 @@
 
     tokq fit --config configs/image/vq.yaml          # LightningCLI: fit / validate / test / predict
     tokq encode --ckpt last.ckpt --output tokens.safetensors [--split test]
-    tokq decode --tokens tokens.safetensors --ckpt last.ckpt --output grid.png
+    tokq decode --tokens tokens.safetensors --ckpt last.ckpt --output grid.png [--force]
+    tokq export --ckpt last.ckpt --output tokenizer.safetensors   # a safe file to share; every verb takes it
     tokq fit --config configs/tokens/maskgit.yaml --data.init_args.train_tokens train.safetensors
     tokq sample --ckpt maskgit.ckpt --output samples.png [--labels 0 1 2]
     tokq fit --config configs/graph/tokenizer.yaml   # graph tokenizer; encode writes node tokens + PPR
@@ -18,69 +19,50 @@ codes with their TokenSpec; ``decode`` turns a token file back into an image gri
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from tokenizers_q.trainers.autoencoder import load_tokenizer
+from tokenizers_q.trainers.artifacts import load_datamodule, load_module, tokenizer_fingerprint
+from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
 
-TOKEN_COMMANDS = ("encode", "decode", "sample", "inspect")
-
-
-def _class_of(hparams: dict, default: type, ckpt_path: Path) -> type:
-    """The class a LightningCLI checkpoint was made with (``_class_path``), else ``default``."""
-    class_path = hparams.get("_class_path")
-    if not class_path:
-        return default
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        raise ValueError(f"{ckpt_path} was made with {class_path}, which cannot be imported") from None
+TOKEN_COMMANDS = ("encode", "decode", "sample", "inspect", "export")
 
 
-def datamodule_from_checkpoint(ckpt_path: Path, overrides: dict):
+def datamodule_from_checkpoint(path: str | Path, overrides: dict):
+    """The image data module an exported tokenizer or a checkpoint was trained on, with ``overrides``."""
     from tokenizers_q.trainers.data import ImageDataModule
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    if not hparams:
-        raise ValueError(f"{ckpt_path} holds no data module settings; it was not trained with a LightningDataModule")
-    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return _class_of(hparams, ImageDataModule, ckpt_path)(**kwargs)
+    return load_datamodule(path, ImageDataModule, overrides)
 
 
-def load_token_model(ckpt_path: str | Path):
-    """A transformer on tokens (MaskGIT or autoregressive) from its checkpoint, in eval mode on the CPU."""
+def load_token_model(path: str | Path):
+    """A transformer on tokens (MaskGIT or autoregressive) from its export or checkpoint, in eval mode on the CPU."""
     from tokenizers_q.trainers.token_module import TokenModule
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    hparams.setdefault("_class_path", ckpt.get("token_module_class"))
-    cls = _class_of(hparams, TokenModule, path)
-    if not issubclass(cls, TokenModule) or cls is TokenModule:
-        raise ValueError(f"{path} holds a {cls.__name__}, not a transformer on tokens (MaskGIT or autoregressive)")
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+    model = load_module(path, TokenModule)
+    if type(model) is TokenModule:
+        raise ValueError(f"{path} holds a bare TokenModule, not a transformer on tokens (MaskGIT or autoregressive)")
+    return model
 
 
 def sample_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="tokq sample", description="Sample images from a transformer on tokens.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint of a MaskGIT or autoregressive token model")
-    parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the training tokens came from)")
+    parser.add_argument("--ckpt", required=True, help="exported or checkpointed MaskGIT or autoregressive token model")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer export or checkpoint (default: the one that made the training tokens)"
+    )
     parser.add_argument("--output", required=True, help="PNG grid to write")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--labels", type=int, nargs="+", help="classes, repeated to fill the grid (conditional models)")
     parser.add_argument("--temperature", type=float, help="override the model's sampling temperature")
     parser.add_argument("--steps", type=int, help="MaskGIT decoding steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="sample even if the tokenizer is not the one trained on")
     args = parser.parse_args(argv)
 
     from tokenizers_q.trainers.callbacks import save_image_grid
@@ -91,6 +73,9 @@ def sample_command(argv: list[str]) -> Path:
     if tokenizer_path is None:
         raise ValueError(f"{args.ckpt} names no tokenizer: pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path)
+    check_fingerprint(
+        model.hparams.get("tokenizer_fingerprint"), tokenizer, f"{args.ckpt} was trained on tokens made", args.force
+    )
     labels = None
     if args.labels:
         labels = torch.tensor(args.labels).repeat(math.ceil(args.num_images / len(args.labels)))[: args.num_images]
@@ -117,7 +102,7 @@ def encode_split(model, data, split: str) -> tuple[torch.Tensor, torch.Tensor | 
 
 def encode_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="tokq encode", description="Encode a data set to a token file.")
-    parser.add_argument("--ckpt", required=True, help="trained tokenizer checkpoint")
+    parser.add_argument("--ckpt", required=True, help="exported tokenizer (tokq export) or a checkpoint of your run")
     parser.add_argument("--output", required=True, help="token file to write (.safetensors)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data-root", help="override the data root stored in the checkpoint")
@@ -129,12 +114,12 @@ def encode_command(argv: list[str]) -> Path:
 
     from tokenizers_q.packing import save_tokens
 
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"no checkpoint at {args.ckpt}")
-    if torch.load(args.ckpt, map_location="cpu", weights_only=False).get("tokenizer_kind") == "graph":
-        return encode_graph(args)
-    model = load_tokenizer(args.ckpt)
-    data = datamodule_from_checkpoint(Path(args.ckpt), {"root": args.data_root, "batch_size": args.batch_size})
+    model = load_module(args.ckpt, nn.Module)
+    if type(model).__name__ == "GraphTokenizerModule":
+        return encode_graph(model, args)
+    if not isinstance(model, AutoencoderModule):
+        raise ValueError(f"{args.ckpt} holds a {type(model).__name__}, not an image or graph tokenizer")
+    data = datamodule_from_checkpoint(args.ckpt, {"root": args.data_root, "batch_size": args.batch_size})
     codes_t, labels = encode_split(model, data, args.split)
     spec = model.quantizer.spec
     metadata = {
@@ -144,7 +129,8 @@ def encode_command(argv: list[str]) -> Path:
         "image_shape": list(data.splits[args.split][0][0].shape),
         "bits_per_image": model.bits_per_image(tuple(codes_t.shape)),
     }
-    path = save_tokens(args.output, codes_t, spec, metadata, None if labels is None else {"labels": labels})
+    extras = None if labels is None else {"labels": labels}
+    path = save_tokens(args.output, codes_t, spec, metadata, extras, tokenizer_fingerprint(model))
     print(
         f"wrote {codes_t.shape[0]} images as {tuple(codes_t.shape[1:-1])} tokens x {spec.num_codebooks} codebook(s), "
         f"{metadata['bits_per_image']} bits/image, to {path} ({path.stat().st_size} bytes)"
@@ -152,13 +138,12 @@ def encode_command(argv: list[str]) -> Path:
     return path
 
 
-def encode_graph(args) -> Path:
+def encode_graph(model, args) -> Path:
     """``tokq encode`` for a graph tokenizer: every node's codes, labels, masks and PPR neighbours."""
-    from tokenizers_q.trainers.graph_tokenizer import load_graph_tokenizer
+    from tokenizers_q.trainers.graph_data import GraphDataModule
     from tokenizers_q.trainers.node_tokens import write_node_tokens
 
-    model = load_graph_tokenizer(args.ckpt)
-    data = datamodule_from_checkpoint(Path(args.ckpt), {"graph": args.graph})
+    data = load_datamodule(args.ckpt, GraphDataModule, {"graph": args.graph})
     data.setup()
     k = args.ppr_k or data.hparams.ppr_k
     alpha = args.ppr_alpha or data.hparams.ppr_alpha
@@ -206,9 +191,10 @@ def inspect_command(argv: list[str]) -> dict[str, list[float]]:
 def decode_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="tokq decode", description="Decode a token file to an image grid.")
     parser.add_argument("--tokens", required=True, help="token file written by tokq encode")
-    parser.add_argument("--ckpt", required=True, help="the tokenizer checkpoint that made the tokens")
+    parser.add_argument("--ckpt", required=True, help="the tokenizer (export or checkpoint) that made the tokens")
     parser.add_argument("--output", required=True, help="PNG to write")
     parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--force", action="store_true", help="decode even if the tokens come from another tokenizer")
     args = parser.parse_args(argv)
 
     from tokenizers_q.packing import load_tokens
@@ -224,9 +210,36 @@ def decode_command(argv: list[str]) -> Path:
             f"{args.tokens} holds tokens of {tokens.spec}, but the checkpoint's quantizer "
             f"({type(model.quantizer).__name__}) makes {spec}: decode with the tokenizer that encoded them"
         )
+    check_fingerprint(tokens.fingerprint, model, f"{args.tokens} was encoded", args.force)
     images = model.decode(tokens.codes[: args.num_images])
     path = save_image_grid(images, Path(args.output), nrow=8)
     print(f"decoded {images.shape[0]} images to {path}")
+    return path
+
+
+def check_fingerprint(expected: str | None, tokenizer, what: str, force: bool) -> None:
+    """Refuse (unless ``force``) a tokenizer whose fingerprint is not the one the tokens were made with."""
+    if expected is None or force:
+        return
+    actual = tokenizer_fingerprint(tokenizer)
+    if actual != expected:
+        raise ValueError(
+            f"{what} by another tokenizer (fingerprint {expected}, this tokenizer's is {actual}): its codes mean "
+            "other things here. Use the tokenizer that made them, or pass --force to decode anyway"
+        )
+
+
+def export_command(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="tokq export", description="Write a trained run as a safe artifact to share and use."
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of your own run")
+    parser.add_argument("--output", required=True, help="artifact to write (.safetensors)")
+    args = parser.parse_args(argv)
+    from tokenizers_q.trainers.artifacts import export_module
+
+    path = export_module(args.ckpt, args.output)
+    print(f"exported {args.ckpt} to {path} ({path.stat().st_size} bytes)")
     return path
 
 
@@ -253,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOKEN_COMMANDS:
         commands = {"encode": encode_command, "decode": decode_command, "sample": sample_command}
+        commands["export"] = export_command
         {**commands, "inspect": inspect_command}[args[0]](args[1:])
         return
     if not args or args[0] in ("-h", "--help"):

@@ -3,11 +3,19 @@
 Node classification data sets are one graph with train / val / test node masks.
 Every loader yields the whole graph (full-batch training); the masks say which
 nodes a split scores.
+
+A user's graph file is read without running code it holds: a safetensors graph (see :func:`save_graph`),
+or a ``torch.save``-d ``Data`` / dict of tensors loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import re
+import shlex
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,11 +25,24 @@ from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
+from tokenizers_q.files import atomic_write
 from tokenizers_q.models.ppr import check_edge_index
 from tokenizers_q.trainers.data import SPLITS
 
 GRAPHS = ("csbm", "ba_house")
 IN_MEMORY = "<in-memory Data>"  # what the hyper-parameters record for a Data given directly
+GRAPH_FILES = (".safetensors", ".pt", ".pth")
+# the tensors of a safetensors graph: name -> what it must be (N nodes of x, E edges of edge_index)
+GRAPH_TENSORS = {
+    "x": "floating-point (N, F) node features",
+    "edge_index": "int64 (2, E) with values in [0, N)",
+    "y": "int64 (N,) node labels",
+    "train_mask": "bool (N,)",
+    "val_mask": "bool (N,)",
+    "test_mask": "bool (N,)",
+    "edge_attr": "floating-point (E, ...) edge features",
+    "edge_weight": "floating-point (E,) edge weights",
+}
 
 
 def contextual_sbm(
@@ -121,13 +142,139 @@ def split_masks(num_nodes: int, val_fraction: float, test_fraction: float, seed:
     return masks
 
 
+def _check_graph_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming ``source`` and the tensor unless ``tensors`` make a graph of
+    :data:`GRAPH_TENSORS`."""
+
+    def bad(name: str, got: str) -> ValueError:
+        return ValueError(f"{source}: tensor {name!r} must be {GRAPH_TENSORS[name]}, got {got}")
+
+    unknown = sorted(set(tensors) - set(GRAPH_TENSORS))
+    if unknown:
+        raise ValueError(f"{source}: unknown tensors {unknown}; a graph file holds only {list(GRAPH_TENSORS)}")
+    for name in ("x", "edge_index"):
+        if name not in tensors:
+            raise ValueError(f"{source}: tensor {name!r} is missing; it must be {GRAPH_TENSORS[name]}")
+    described = {name: f"{t.dtype} of shape {tuple(t.shape)}" for name, t in tensors.items()}
+    x, edge_index = tensors["x"], tensors["edge_index"]
+    if not x.dtype.is_floating_point or x.dim() != 2 or x.shape[0] < 1:
+        raise bad("x", described["x"] + ("" if x.shape[:1] != (0,) else " (no nodes)"))
+    num_nodes = x.shape[0]
+    if edge_index.dtype != torch.int64 or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise bad("edge_index", described["edge_index"])
+    if edge_index.numel():
+        low, high = int(edge_index.min()), int(edge_index.max())
+        if low < 0 or high >= num_nodes:
+            raise bad("edge_index", f"node {low if low < 0 else high}, outside [0, {num_nodes}) (N = x.shape[0])")
+    num_edges = edge_index.shape[1]
+    for name, t in tensors.items():
+        if name == "y":
+            ok = t.dtype == torch.int64 and tuple(t.shape) == (num_nodes,)
+        elif name.endswith("_mask"):
+            ok = t.dtype == torch.bool and tuple(t.shape) == (num_nodes,)
+        elif name == "edge_attr":
+            ok = t.dtype.is_floating_point and t.dim() >= 1 and t.shape[0] == num_edges
+        elif name == "edge_weight":
+            ok = t.dtype.is_floating_point and tuple(t.shape) == (num_edges,)
+        else:
+            continue
+        if not ok:
+            raise bad(name, f"{described[name]} (N = {num_nodes}, E = {num_edges})")
+
+
+def save_graph(data: Data, path: str | os.PathLike) -> Path:
+    """Write a PyG ``Data`` as a safetensors graph that :class:`GraphDataModule` (``graph=path``) reads.
+
+    Keeps the tensors of :data:`GRAPH_TENSORS` (integer ``edge_index`` / ``y`` are stored as int64) and
+    warns about any other attribute, which is not written. The file is replaced atomically.
+    """
+    from safetensors.torch import save_file
+
+    check_graph(data)
+    tensors, dropped = {}, []
+    for name, value in data.to_dict().items():
+        if name not in GRAPH_TENSORS or not isinstance(value, torch.Tensor):
+            if name != "num_nodes" or value != data.x.shape[0]:
+                dropped.append(name)
+            continue
+        if name in ("edge_index", "y") and not value.dtype.is_floating_point and value.dtype != torch.bool:
+            value = value.long()
+        tensors[name] = value.detach().cpu().contiguous().clone()  # safetensors refuses tensors sharing memory
+    _check_graph_tensors(tensors, f"save_graph({Path(path).name})")
+    if dropped:
+        warnings.warn(f"save_graph writes only {list(GRAPH_TENSORS)}; not written: {dropped}", stacklevel=2)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def _conversion_command(path: Path) -> str:
+    code = (
+        "import torch; from tokenizers_q.trainers.graph_data import save_graph; "
+        f"save_graph(torch.load({str(path)!r}, weights_only=False), {str(path.with_suffix('.safetensors'))!r})"
+    )
+    return f'python -c "{code}"' if not set(code) & set('"$`\\!') else f"python -c {shlex.quote(code)}"
+
+
+def _load_torch_graph(path: Path) -> Data | dict:
+    """``torch.load(weights_only=True)``, allowing PyG's ``Data`` and what it pickles, nothing else."""
+    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import GlobalStorage
+
+    allowed = [Data, DataEdgeAttr, DataTensorAttr, GlobalStorage]
+    try:
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: only for this load
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        torch.serialization.add_safe_globals(allowed)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = re.search(r"WeightsUnpickler error: *(.*)", str(err))
+        if reason is None or not reason.group(1).strip():  # not a pickle at all (torch gives no reason)
+            raise ValueError(f"{path} is not a readable torch.save file") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", reason.group(1))
+        needs = f"it needs {found.group(1)}" if found else reason.group(1).strip()
+        raise ValueError(
+            f"{path} was refused: loading it would run code ({needs}; torch.load(weights_only=True) allows only "
+            "tensors, PyG Data and plain containers). If you trust this file, convert it once to a safetensors "
+            f"graph and give that instead:\n    {_conversion_command(path)}"
+        ) from None
+    except Exception as err:  # a truncated or foreign file: zip / pickle errors of many types
+        raise ValueError(f"{path} is not a readable torch.save file: {err}") from None
+
+
+def load_graph(path: str | os.PathLike) -> Data:
+    """Read a user's graph file without running code it holds: a safetensors graph (:func:`save_graph`),
+    or a ``torch.save``-d PyG ``Data`` or dict of tensors (``.pt`` / ``.pth``, ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no graph file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        _check_graph_tensors(tensors, str(path))
+        return Data(**tensors)
+    data = _load_torch_graph(path)
+    if isinstance(data, dict):
+        if not all(isinstance(key, str) for key in data):
+            raise ValueError(f"{path} holds a dict whose keys are not all attribute names: {list(data)[:5]}")
+        data = Data(**data)
+    if not isinstance(data, Data):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a PyG Data or a dict of tensors")
+    return data
+
+
 class GraphDataModule(L.LightningDataModule):
     r"""One graph for node-level tokenizers, trained full-batch.
 
     Args:
-        graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), the path of a
-            ``torch.save``-d PyG ``Data`` (a user's own graph, or a PyG data set's ``dataset[0]``), or a
-            ``Data`` itself (from Python; checkpoints then record no graph and ``tokq encode`` needs ``--graph``).
+        graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), the path of a user's
+            graph (a PyG data set's ``dataset[0]``, say): a ``.safetensors`` graph written by :func:`save_graph`,
+            or a ``torch.save``-d PyG ``Data`` (``.pt`` / ``.pth``, loaded with ``weights_only=True``: a file
+            that would run code is refused, with the command converting it), or a ``Data`` itself (from Python;
+            checkpoints then record no graph and ``tokq encode`` needs ``--graph``).
         num_nodes, num_classes, homophily, avg_degree, num_features, feature_noise: contextual SBM settings
             (see :func:`contextual_sbm`).
         val_fraction, test_fraction: node shares of the validation and test masks, used when the graph
@@ -154,9 +301,12 @@ class GraphDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.given = graph if isinstance(graph, Data) else None
-        known = graph in (*GRAPHS, IN_MEMORY) or str(graph).endswith((".pt", ".pth"))
+        known = graph in (*GRAPHS, IN_MEMORY) or str(graph).endswith(GRAPH_FILES)
         if self.given is None and not known:
-            raise ValueError(f"graph must be one of {GRAPHS}, a .pt file of a PyG Data, or a Data, got {graph!r}")
+            raise ValueError(
+                f"graph must be one of {GRAPHS}, a .safetensors graph (save_graph), a .pt file of a PyG Data, "
+                f"or a Data, got {graph!r}"
+            )
         self.save_hyperparameters(ignore=["graph"])
         self.hparams.graph = IN_MEMORY if self.given is not None else graph
         self.data: Data | None = None
@@ -172,16 +322,10 @@ class GraphDataModule(L.LightningDataModule):
             if self.given is None:
                 raise ValueError(
                     "this data module held a graph in memory, which checkpoints do not keep: give graph= "
-                    "(tokq encode --graph my_graph.pt)"
+                    "(tokq encode --graph my_graph.safetensors)"
                 )
             return self.given.clone()
-        path = Path(hp.graph)
-        if not path.is_file():
-            raise FileNotFoundError(f"no graph file at {path}")
-        data = torch.load(path, weights_only=False)
-        if isinstance(data, dict):
-            data = Data(**data)
-        return data
+        return load_graph(hp.graph)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:

@@ -204,9 +204,6 @@ class GraphTokenizerModule(L.LightningModule):
         for level, (usage, perplexity) in enumerate(zip(stats["usage"], stats["perplexity"])):
             self.log_dict({f"val/usage_{level}": usage, f"val/perplexity_{level}": perplexity}, batch_size=1)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tokenizer_kind"] = "graph"  # tells tokq encode to write node tokens
-
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
@@ -215,9 +212,8 @@ class GraphTokenizerModule(L.LightningModule):
         return [opt], [{"scheduler": scheduler, "interval": "step"}]
 
 
-def load_graph_tokenizer(ckpt_path: str | Path) -> GraphTokenizerModule:
-    """The graph tokenizer stored in a checkpoint, in eval mode on the CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return GraphTokenizerModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+def load_graph_tokenizer(path: str | Path) -> GraphTokenizerModule:
+    """The graph tokenizer in an exported artifact or a checkpoint, in eval mode on the CPU (read safely)."""
+    from tokenizers_q.trainers.artifacts import load_module
+
+    return load_module(path, GraphTokenizerModule)

@@ -177,17 +177,9 @@ class KVTokenizerModule(L.LightningModule):
         scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
         return [opt], [{"scheduler": scheduler, "interval": "step"}]
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tokenizer_kind"] = "kv"
 
+def load_kv_tokenizer(path: str | Path) -> KVTokenizerModule:
+    """The KV tokenizer in an exported artifact or a checkpoint, in eval mode on the CPU (read safely)."""
+    from tokenizers_q.trainers.artifacts import load_module
 
-def load_kv_tokenizer(ckpt_path: str | Path) -> KVTokenizerModule:
-    """The KV tokenizer stored in a checkpoint, in eval mode on the CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    kind = checkpoint.get("tokenizer_kind")
-    if kind != "kv":
-        raise ValueError(f"{path} is not a KV tokenizer checkpoint (tokenizer_kind={kind!r})")
-    return KVTokenizerModule.load_from_checkpoint(path, map_location="cpu").eval()
+    return load_module(path, KVTokenizerModule)

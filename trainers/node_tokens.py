@@ -15,6 +15,7 @@ from torch_geometric.data import Data
 
 from tokenizers_q.models.ppr import ppr_topk
 from tokenizers_q.packing import TokenFile, load_tokens, save_tokens
+from tokenizers_q.trainers.artifacts import tokenizer_fingerprint
 from tokenizers_q.trainers.data import SPLITS, SplitDataModule
 from tokenizers_q.trainers.graph_data import check_graph
 
@@ -53,7 +54,7 @@ def write_node_tokens(
         "ppr_score": score,
         **{k: v.bool() for k, v in masks.items()},
     }
-    return save_tokens(path, codes, tokenizer.quantizer.spec, info, extras)
+    return save_tokens(path, codes, tokenizer.quantizer.spec, info, extras, tokenizer_fingerprint(tokenizer))
 
 
 def check_node_tokens(tokens: TokenFile, path: str | Path) -> None:

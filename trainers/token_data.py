@@ -66,7 +66,7 @@ class TokenDataModule(SplitDataModule):
         self.paths = {"train": train_tokens, "val": val_tokens, "test": test_tokens}
         self.val_fraction, self.batch_size, self.num_workers, self.seed = val_fraction, batch_size, num_workers, seed
         self.splits: dict[str, Dataset] = {}
-        self.spec, self.grid, self.metadata = None, None, {}
+        self.spec, self.grid, self.metadata, self.fingerprint = None, None, {}, None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -74,6 +74,11 @@ class TokenDataModule(SplitDataModule):
         files = {k: load_tokens(p) for k, p in self.paths.items() if p is not None}
         train = files["train"]
         for split, f in files.items():
+            if f.fingerprint != train.fingerprint:
+                raise ValueError(
+                    f"{self.paths[split]} was encoded by another tokenizer (fingerprint {f.fingerprint}) than the "
+                    f"training file {self.paths['train']} ({train.fingerprint})"
+                )
             if f.spec != train.spec or f.codes.shape[1:] != train.codes.shape[1:]:
                 raise ValueError(
                     f"{self.paths[split]} holds {f.spec} tokens of shape {tuple(f.codes.shape[1:])}, but the training "
@@ -87,9 +92,11 @@ class TokenDataModule(SplitDataModule):
             data["train"], data["val"] = Subset(full, order[n_val:]), Subset(full, order[:n_val])
         self.splits = data
         self.spec, self.grid, self.metadata = train.spec, tuple(train.codes.shape[1:-1]), train.metadata
+        self.fingerprint = train.fingerprint
 
 
-def token_file_layout(path: str | Path) -> tuple[dict, list[int], str | None]:
-    """(TokenSpec dict, grid, tokenizer checkpoint path) of a token file."""
+def token_file_layout(path: str | Path) -> tuple[dict, list[int], str | None, str | None]:
+    """(TokenSpec dict, grid, path of the tokenizer that made them, its fingerprint) of a token file."""
     tokens = load_tokens(path)
-    return tokens.spec.to_dict(), list(tokens.codes.shape[1:-1]), tokens.metadata.get("checkpoint")
+    grid = list(tokens.codes.shape[1:-1])
+    return tokens.spec.to_dict(), grid, tokens.metadata.get("checkpoint"), tokens.fingerprint

@@ -11,6 +11,7 @@ from torch import nn
 from tokenizers_q.models.token_transformer import TokenTransformer
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers import Quantizer
+from tokenizers_q.trainers.artifacts import CHECKPOINT_CLASS_KEY
 from tokenizers_q.trainers.autoencoder import load_tokenizer, warmup_cosine_scheduler
 from tokenizers_q.trainers.token_data import token_file_layout
 
@@ -47,8 +48,9 @@ class TokenModule(L.LightningModule):
         token_file: a token file to read the layout from.
         spec: TokenSpec as a dict (``TokenSpec.to_dict()``), instead of ``token_file``.
         grid: token grid per example, e.g. ``[8, 8]``, instead of ``token_file``.
-        tokenizer: checkpoint of the tokenizer that made the tokens (for sampling images
+        tokenizer: the tokenizer (export or checkpoint) that made the tokens (for sampling images
             and codebook initialisation); default: the one named in the token file.
+        tokenizer_fingerprint: that tokenizer's fingerprint, checked when sampling; default: the token file's.
         num_classes: classes for conditioning (0: unconditional). Default: 0.
         dim, depth, heads, mlp_ratio, dropout, factorised, positions: see
             :class:`~tokenizers_q.models.TokenTransformer`.
@@ -66,6 +68,7 @@ class TokenModule(L.LightningModule):
         spec: dict | None = None,
         grid: list[int] | None = None,
         tokenizer: str | None = None,
+        tokenizer_fingerprint: str | None = None,
         num_classes: int = 0,
         dim: int = 256,
         depth: int = 6,
@@ -83,8 +86,9 @@ class TokenModule(L.LightningModule):
     ):
         super().__init__()
         if (spec is None or grid is None) and token_file is not None:
-            file_spec, file_grid, file_tokenizer = token_file_layout(token_file)
+            file_spec, file_grid, file_tokenizer, file_fingerprint = token_file_layout(token_file)
             spec, grid, tokenizer = spec or file_spec, grid or file_grid, tokenizer or file_tokenizer
+            tokenizer_fingerprint = tokenizer_fingerprint or file_fingerprint
         self.save_hyperparameters()
         self.transformer: TokenTransformer | None = None
         if spec is not None and grid is not None:
@@ -117,6 +121,7 @@ class TokenModule(L.LightningModule):
                 "the token layout is unknown: give spec and grid, or token_file, or train with a TokenDataModule"
             )
         self._build(data.spec, data.grid, self.hparams.tokenizer or data.metadata.get("checkpoint"))
+        self.hparams.tokenizer_fingerprint = self.hparams.tokenizer_fingerprint or data.fingerprint
 
     @property
     def seq_len(self) -> int:
@@ -152,7 +157,7 @@ class TokenModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # lets tokq sample rebuild checkpoints of models made in Python too (LightningCLI adds _class_path)
-        checkpoint["token_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -13,7 +13,6 @@ candidates.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,14 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenizers_q.files import atomic_write, read_safetensors
+from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.files import read_artifact, write_artifact
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
 from tokenizers_q.search import nearest, top_rows
 
 METHODS = ("pq", "opq", "rvq")
 METRICS = ("l2", "ip")
-HEADER_KEY = "tokenizers_q.embeddings"
+FORMAT = "tokenizers_q.embedding_codec"
+VERSION = 1
 SCORE_BUDGET = 2**24  # most (database row, query) scores held at once: 64 MiB of float32
 MAX_REFINE_ENTRIES = 8192  # RVQ refinement solves a dense (M * K)^2 system in float64: 512 MiB at most
 OPQ_KMEANS_ITERS = 4  # k-means iterations per OPQ alternation after the first, warm-started
@@ -380,7 +381,10 @@ class EmbeddingCodec(nn.Module):
             scores (Q, k): squared distances (L2) or inner products (IP); ids (Q, k) int64.
         """
         queries = self._check(queries, "queries")
+        self._check_fitted()
         size = self.database.shape[0]
+        if not size:
+            raise ValueError("the database is empty: add(vectors) before search")
         if not isinstance(k, int) or not 1 <= k <= size:
             raise ValueError(f"k must be an int in [1, {size}] (the database size), got {k!r}")
         if not isinstance(nprobe, int) or not 1 <= nprobe <= self.num_lists:
@@ -573,6 +577,7 @@ class EmbeddingCodec(nn.Module):
             raise ValueError(f"{what} must be a float tensor (N, {self.dim}), got {getattr(x, 'shape', x)!r}")
         if x.shape[1] != self.dim:
             raise ValueError(f"{what} have dim {x.shape[1]}, this codec codes dim {self.dim}")
+        check_finite(x, f"EmbeddingCodec: the {what} tensor", max_magnitude(self.dim))
         return x.float().to(self.codebooks.device)
 
     def _check_fitted(self) -> None:
@@ -580,20 +585,19 @@ class EmbeddingCodec(nn.Module):
             raise ValueError("this codec is not fitted yet: call fit(training_vectors) first")
 
     def save(self, path: str | Path) -> Path:
-        """Partition, codebooks, rotation, database codes and norms with the config, to a safetensors
-        file (atomically)."""
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        header = json.dumps(self.config)
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: header}))
+        """Partition, codebooks, rotation, database codes and norms with the config, as a
+        ``tokenizers_q.embedding_codec`` artifact (atomically)."""
+        return write_artifact(path, FORMAT, VERSION, self.config, self.state_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingCodec:
-        """The codec saved by :meth:`save`."""
-        config, state = read_safetensors(path, HEADER_KEY, "embedding codec")
-        codec = cls(**config)
-        codec.database = torch.zeros_like(state["database"])
-        codec.norms = torch.zeros_like(state["norms"])
-        codec.load_state_dict(state)
+        """The codec saved by :meth:`save`, verified before it is built."""
+        config, state = read_artifact(path, FORMAT, VERSION)[1:]
+        try:
+            codec = cls(**config)
+            codec.database = torch.zeros_like(state["database"])
+            codec.norms = torch.zeros_like(state["norms"])
+            codec.load_state_dict(state)
+        except (TypeError, KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{path} is not a valid embedding codec: {err}") from None
         return codec

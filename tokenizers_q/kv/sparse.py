@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenizers_q.checks import check_finite
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kv.cache import LayerCache
 
@@ -31,6 +32,7 @@ def outlier_bounds(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torc
         raise ValueError(f"expected calibration keys or values (B, H, T, D), got {tuple(x.shape)}")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    check_finite(x, "outlier_bounds: calibration keys or values")
     rows = x.float().permute(1, 3, 0, 2).reshape(x.shape[1], x.shape[3], -1).sort(-1).values
     count = rows.shape[-1]
     tail = min(int(fraction / 2 * count), count - 1)
@@ -73,8 +75,8 @@ class DenseAndSparseLayerCache(LayerCache):
             new_sink = [keys[:, :, :take], values[:, :, :take]]
             self.sink = new_sink if self.sink is None else [torch.cat(p, 2) for p in zip(self.sink, new_sink)]
             keys, values = keys[:, :, take:], values[:, :, take:]
-        if keys.shape[2] == 0:
-            return self.sink[0], self.sink[1]
+        if keys.shape[2] == 0 and self.inner.num_tokens == 0:  # every token so far is in the sink (or none came)
+            return (keys, values) if self.sink is None else (self.sink[0], self.sink[1])
         dense = [self._split(i, x, start + take - self.sink_tokens) for i, x in enumerate((keys, values))]
         past = list(self.inner.update(*dense))
         for i, outliers in enumerate(self.outliers):

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from tokenizers_q.checks import check_finite, max_magnitude
 from tokenizers_q.packing import TokenSpec
 
 
@@ -94,17 +95,19 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, q.detach())
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """One reduction pass (min and max propagate NaN and reach any inf): ~15x cheaper than isfinite().all()."""
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+class Projection(nn.Linear):
+    """A linear map that casts its input to its own dtype: float32 weights take float16, bfloat16 or
+    float64 input (under autocast the matmul still runs in the autocast dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
 
 
 def projections(dim: int, inner_dim: int) -> tuple[nn.Module, nn.Module]:
     """Linear maps into and out of the quantizer's space, or identities when sizes agree."""
     if dim == inner_dim:
         return nn.Identity(), nn.Identity()
-    return nn.Linear(dim, inner_dim), nn.Linear(inner_dim, dim)
+    return Projection(dim, inner_dim), Projection(inner_dim, dim)
 
 
 class Quantizer(nn.Module):
@@ -151,8 +154,7 @@ class Quantizer(nn.Module):
         if x.dim() < (2 if self.channel_first else 1) or x.shape[axis] != self.dim:
             where = "channel dim (axis 1)" if self.channel_first else "last dim"
             raise ValueError(f"{name} expects input with {where} {self.dim}, got shape {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and x.numel() and not _all_finite(x):
-            raise ValueError(f"{name} got an input with NaN or inf values")
+        check_finite(x, f"{name}: input", max_magnitude(self.dim))
         if self.channel_first:
             x = x.movedim(1, -1)
         return x.reshape(-1, self.dim), tuple(x.shape[:-1])
@@ -164,6 +166,8 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """Quantize ``x``; in training mode also update the quantizer's statistics.
 
+        An empty input gives empty quantized vectors and codes, a zero loss, and changes no state.
+
         Shapes:
             - x: (..., dim), or (B, dim, *spatial) with ``channel_first``
             - output: :class:`QuantizerOutput`
@@ -172,7 +176,9 @@ class Quantizer(nn.Module):
         out = self._forward_flat(rows, update=self.training)
         quantized = self._restore(out.quantized.to(x.dtype), lead)
         codes = out.codes.reshape(*lead, out.codes.shape[-1])
-        return QuantizerOutput(quantized, codes, out.loss, out.metrics)
+        # the mean of no terms is NaN; nan_to_num keeps the graph, so every parameter still gets a (zero) gradient
+        loss = out.loss if rows.shape[0] else out.loss.nan_to_num(0.0)
+        return QuantizerOutput(quantized, codes, loss, out.metrics)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

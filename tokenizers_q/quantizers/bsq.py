@@ -120,14 +120,23 @@ class LFQ(Quantizer):
         # soft assignment: p(bit = 1 | h) = sigmoid(4 * tau * scale * h), i.e. a softmax over
         # the 2^L codes of 2 * tau * <h, c> that factorises over bits
         logits = 4.0 * self.inv_temperature * self.scale * h
-        per_sample = binary_entropy_from_logits(logits).sum(-1).mean()
-        codebook_entropy = self._codebook_entropy(logits)
+        per_sample, codebook_entropy = self._entropies(logits)
         entropy_loss = per_sample - self.diversity_gamma * codebook_entropy
         loss = self.commitment_weight * F.mse_loss(h, q) + self.entropy_loss_weight * entropy_loss
         metrics = usage_metrics(code_counts(codes, self.codebook_size))
         metrics["per_sample_entropy"] = per_sample.detach()
         metrics["codebook_entropy"] = codebook_entropy.detach()
         return QuantizerOutput(self.project_out(out), codes, loss, metrics)
+
+    def _entropies(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-sample entropy and codebook entropy, in float32 also under autocast; zero for no rows.
+
+        Shapes: logits (N, L) float32 -> two () scalars.
+        """
+        if not logits.shape[0]:
+            return logits.new_zeros(()), logits.new_zeros(())
+        with torch.autocast(logits.device.type, enabled=False):  # a bf16 matmul of 2^L codes loses the entropy
+            return binary_entropy_from_logits(logits).sum(-1).mean(), self._codebook_entropy(logits)
 
     def _codebook_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """Entropy of the batch-averaged soft assignment, exact or from per-bit marginals. Shapes: (N, L)."""

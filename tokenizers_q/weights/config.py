@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenizers_q.checks import check_finite
 from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
 
 _CONFIGS: dict[str, type[WeightQuantConfig]] = {}
@@ -72,6 +73,9 @@ def check_weight(weight: torch.Tensor, hessian: torch.Tensor | None, needs_hessi
         raise ValueError("this config needs calibration data: pass calibration batches to quantize_")
     if hessian is not None and hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
+    check_finite(weight, "weight", hint="fix those weights first")
+    if hessian is not None:
+        check_finite(hessian, "hessian", hint="clean the calibration inputs")
 
 
 def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from tokenizers_q.checks import check_finite
+
 #: ``quantize_column(column, index, pending) -> dequantized column``; ``pending`` (out, n) holds the
 #: current (compensated) values of this column and the next ones of its block, for group statistics
 ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
@@ -20,15 +22,22 @@ ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 class HessianAccumulator:
     """``H = sum_i x_i x_i^T / N`` over every input row a linear or embedding layer sees.
 
+    Args:
+        in_features: size of the input rows.
+        name: how errors name the layer, e.g. its dotted name in the model. Default: ``"layer"``.
+
     Shapes:
         - inputs: (..., in_features); hessian: (in_features, in_features) float32
     """
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, name: str = "layer"):
         self.hessian = torch.zeros(in_features, in_features)
         self.count = 0
+        self.name = name
 
     def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of inputs; raises on NaN or inf (they would make ``H`` non-positive-definite)."""
+        check_finite(inputs, f"the calibration input of {self.name}", hint="clean or drop those calibration batches")
         rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.hessian = self.hessian.to(rows.device)
         total = self.count + rows.shape[0]

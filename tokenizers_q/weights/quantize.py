@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -11,12 +10,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenizers_q.files import atomic_write, read_safetensors
+from tokenizers_q.checks import check_finite
+from tokenizers_q.files import read_artifact, write_artifact
 from tokenizers_q.weights.config import WeightQuantConfig
 from tokenizers_q.weights.gptq import HessianAccumulator
 from tokenizers_q.weights.modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
-HEADER_KEY = "tokenizers_q.weights"
+FORMAT = "tokenizers_q.quantized_model"
+VERSION = 1
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
@@ -50,7 +51,7 @@ def collect_hessians(
     for tuples, else ``model(batch)``).
     """
     modules = dict(model.named_modules())
-    accumulators = {n: HessianAccumulator(modules[n].weight.shape[1]) for n in names}
+    accumulators = {n: HessianAccumulator(modules[n].weight.shape[1], f"module {n!r}") for n in names}
     handles = [
         modules[n].register_forward_hook(lambda m, args, out, acc=accumulators[n]: acc.add(args[0])) for n in names
     ]
@@ -63,6 +64,8 @@ def collect_hessians(
     empty = [n for n, acc in accumulators.items() if acc.count == 0]
     if empty:
         raise ValueError(f"the calibration batches never reached {empty[:3]}{'...' if len(empty) > 3 else ''}")
+    for n, acc in accumulators.items():  # finite inputs whose products overflow float32
+        check_finite(acc.hessian, f"the input second moments of module {n!r}", hint="rescale the calibration inputs")
     return {n: acc.hessian for n, acc in accumulators.items()}
 
 
@@ -115,6 +118,8 @@ def quantize_(
         chosen = _config_for(name, config, overrides)
         if chosen is not None:
             plan.append((name, module, chosen))
+    for name, module, _ in plan:  # before any module is swapped: a failure leaves the model as it was
+        check_finite(module.weight, f"quantize_: the weight of module {name!r}", hint="fix those weights first")
     needing = [name for name, module, chosen in plan if chosen.needs_hessian]
     if needing and calibration is None:
         raise ValueError(f"{needing[0]} uses a config that needs calibration batches: pass calibration=")
@@ -159,9 +164,8 @@ def model_bits_per_weight(model: nn.Module) -> float:
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
-    """Write the whole state dict of a quantized model and its quantization configs to a safetensors file."""
-    from safetensors.torch import save_file
-
+    """Write the whole state dict of a quantized model and its quantization configs as a
+    ``tokenizers_q.quantized_model`` artifact (tied tensors stored once)."""
     layout = {
         name: {
             "kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
@@ -174,26 +178,61 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     }
     if not layout:
         raise ValueError("the model has no quantized modules: run quantize_ first")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(layout)}))
+    config = {"model_class": type(model).__name__, "modules": layout}
+    return write_artifact(path, FORMAT, VERSION, config, model.state_dict())
+
+
+def _check_architecture(model: nn.Module, config: dict, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, before changing ``model``, a file saved from another architecture."""
+    if config.get("model_class") != type(model).__name__:
+        raise ValueError(f"{path} was saved from a {config.get('model_class')}, this model is a {type(model).__name__}")
+    modules = dict(model.named_modules())
+    quantized = config["modules"]
+    for name, entry in quantized.items():
+        module = modules.get(name)
+        expected = nn.Embedding if entry["kind"] == "embedding" else nn.Linear
+        shape = None
+        if isinstance(module, QuantizedWeight):
+            shape = list(module.shape)
+        elif isinstance(module, expected):
+            shape = list(module.weight.shape)
+        if shape != entry["shape"]:
+            found = "nothing" if module is None else f"a {type(module).__name__} of shape {shape}"
+            raise ValueError(
+                f"{path} quantized {name!r}, a {entry['kind']} of shape {entry['shape']}; this model has {found}"
+            )
+    prefixes = tuple(f"{name}." for name in quantized)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes) or k.endswith(".bias")}
+    saved = {k: v for k, v in state.items() if not k.startswith(prefixes) or k.endswith(".bias")}
+    if own.keys() != saved.keys():
+        missing, unexpected = sorted(own.keys() - saved.keys())[:5], sorted(saved.keys() - own.keys())[:5]
+        raise ValueError(f"{path} does not fit this model: it lacks {missing} and holds {unexpected} it does not have")
+    for key, tensor in own.items():
+        if tensor.shape != saved[key].shape:
+            raise ValueError(
+                f"{path} holds {key!r} of shape {list(saved[key].shape)}, this model's is {list(tensor.shape)}"
+            )
 
 
 def load_quantized(model: nn.Module, path: str | Path, cache_weight: bool = False) -> nn.Module:
     """Rebuild the quantized modules saved by :func:`save_quantized` in ``model`` (the same architecture,
-    freshly built) and load every tensor; returns ``model``."""
-    layout, state = read_safetensors(path, HEADER_KEY, "quantized model")
-    modules = dict(model.named_modules())
-    for name, entry in layout.items():
-        if name not in modules:
-            raise ValueError(f"the saved model quantized {name!r}, which this model does not have")
-        config = WeightQuantConfig.from_dict(entry["config"])
+    freshly built) and load every tensor; returns ``model``. The file is verified (checksums, format) and
+    checked against ``model``'s architecture before ``model`` is changed."""
+    path = Path(path)
+    config, state = read_artifact(path, FORMAT, VERSION)[1:]
+    try:
+        _check_architecture(model, config, state, path)
+        configs = {name: WeightQuantConfig.from_dict(e["config"]) for name, e in config["modules"].items()}
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is a corrupt quantized model file: {err!r}") from None
+    for name, entry in config["modules"].items():
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k != f"{name}.bias"}
         if entry["kind"] == "linear":
             bias = state.get(f"{name}.bias")
-            new = QuantizedLinear(tuple(entry["shape"]), config, tensors, bias, cache_weight)
+            new = QuantizedLinear(tuple(entry["shape"]), configs[name], tensors, bias, cache_weight)
         else:
-            new = QuantizedEmbedding(tuple(entry["shape"]), config, tensors, entry["padding_idx"], cache_weight)
+            new = QuantizedEmbedding(tuple(entry["shape"]), configs[name], tensors, entry["padding_idx"], cache_weight)
         _replace(model, name, new)
     model.load_state_dict(state, strict=True)
     return model
