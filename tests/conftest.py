@@ -56,3 +56,17 @@ def trained(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     tokq(["fit", "--config", str(cli_config(image_folder, VQ_CONFIG, out))])
     return out / "run" / "version_0"
+
+
+@pytest.fixture(scope="session")
+def other_vq(image_folder, tmp_path_factory):
+    """The last checkpoint of a second VQ tokenizer (another seed, one step): the same TokenSpec as ``trained``'s,
+    other codebooks."""
+    from helpers import VQ_CONFIG, cli_config
+
+    from tokenizers_q.trainers.cli import main as tokq
+
+    out = tmp_path_factory.mktemp("other-vq")
+    config = cli_config(image_folder, VQ_CONFIG, out)
+    tokq(["fit", "--config", str(config), "--seed_everything", "1", "--trainer.max_steps", "1"])
+    return out / "run" / "version_0" / "checkpoints" / "last.ckpt"

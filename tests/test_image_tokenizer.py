@@ -16,6 +16,9 @@ from tokenizers_q import VQ
 from tokenizers_q.models import Decoder, Encoder, PatchDiscriminator
 from tokenizers_q.packing import load_tokens
 from tokenizers_q.trainers import AutoencoderModule, ImageDataModule
+from tokenizers_q.trainers.artifacts import tokenizer_fingerprint
+from tokenizers_q.trainers.autoencoder import load_tokenizer
+from tokenizers_q.trainers.cli import datamodule_from_checkpoint
 from tokenizers_q.trainers.cli import main as tokq
 from tokenizers_q.trainers.data import read_idx_images, read_idx_labels
 
@@ -227,8 +230,8 @@ def test_cli_encode_decode_matches_the_model(trained, tmp_path):
     tokens_path = tmp_path / "tokens.safetensors"
     tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--split", "test"])
     tokens = load_tokens(tokens_path)
-    model = AutoencoderModule.load_from_checkpoint(ckpt, weights_only=False).eval()
-    data = ImageDataModule(**{k: v for k, v in model_data_hparams(ckpt).items() if not k.startswith("_")})
+    model = load_tokenizer(ckpt)
+    data = datamodule_from_checkpoint(ckpt, {})
     images = torch.cat([x for x, _ in data.dataloader("test")])
     assert tokens.spec == model.quantizer.spec
     assert torch.equal(tokens.codes, model.encode(images))
@@ -241,10 +244,6 @@ def test_cli_encode_decode_matches_the_model(trained, tmp_path):
         assert im.size == (3 * (IMAGE_SIZE + 1) + 1, IMAGE_SIZE + 2)
 
 
-def model_data_hparams(ckpt: Path) -> dict:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
-
-
 def test_cli_validate_and_test(trained):
     config = trained / "config.yaml"
     ckpt = str(trained / "checkpoints" / "last.ckpt")
@@ -252,7 +251,7 @@ def test_cli_validate_and_test(trained):
         tokq([command, "--config", str(config), "--ckpt_path", ckpt, "--trainer.logger", "false"])
 
 
-def test_cli_decode_rejects_tokens_of_another_tokenizer(trained, image_folder, tmp_path):
+def test_cli_decode_rejects_tokens_of_another_tokenizer(trained, other_vq, image_folder, tmp_path):
     tokq(["fit", "--config", str(cli_config(image_folder, FSQ_CONFIG, tmp_path)), "--trainer.max_steps", "1"])
     fsq_ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     tokens_path = tmp_path / "fsq.safetensors"
@@ -260,8 +259,40 @@ def test_cli_decode_rejects_tokens_of_another_tokenizer(trained, image_folder, t
     vq_ckpt = trained / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="decode with the tokenizer that encoded them"):
         tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(vq_ckpt), "--output", str(tmp_path / "x.png")])
+    # another VQ tokenizer makes tokens of the very same TokenSpec: its fingerprint tells them apart
+    vq_tokens = tmp_path / "vq.safetensors"
+    tokq(["encode", "--ckpt", str(vq_ckpt), "--output", str(vq_tokens)])
+    assert load_tokens(vq_tokens).fingerprint == tokenizer_fingerprint(load_tokenizer(vq_ckpt))
+    assert load_tokenizer(other_vq).quantizer.spec == load_tokenizer(vq_ckpt).quantizer.spec
+    grid = tmp_path / "forced.png"
+    with pytest.raises(ValueError, match="vq.safetensors was encoded by another tokenizer .*pass --force"):
+        tokq(["decode", "--tokens", str(vq_tokens), "--ckpt", str(other_vq), "--output", str(grid)])
+    assert not grid.exists()
+    tokq(["decode", "--tokens", str(vq_tokens), "--ckpt", str(other_vq), "--output", str(grid), "--force"])
+    assert grid.is_file()
     with pytest.raises(FileNotFoundError, match="no exported module or checkpoint at"):
         tokq(["encode", "--ckpt", str(tmp_path / "nope.ckpt"), "--output", str(tokens_path)])
+
+
+def test_exported_tokenizer_encodes_and_decodes_like_its_checkpoint(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    exported = tmp_path / "share" / "tokenizer.safetensors"
+    tokq(["export", "--ckpt", str(ckpt), "--output", str(exported)])
+    from_ckpt, from_export = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tokq(["encode", "--ckpt", str(ckpt), "--output", str(from_ckpt)])
+    tokq(["encode", "--ckpt", str(exported), "--output", str(from_export)])
+    a, b = load_tokens(from_ckpt), load_tokens(from_export)
+    assert torch.equal(a.codes, b.codes) and a.fingerprint == b.fingerprint
+    model = load_tokenizer(exported)
+    assert not model.training
+    for key, value in load_tokenizer(ckpt).state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    grids = [tmp_path / "a.png", tmp_path / "b.png"]
+    for grid, tokenizer in zip(grids, (ckpt, exported)):
+        tokq(["decode", "--tokens", str(from_export), "--ckpt", str(tokenizer), "--output", str(grid)])
+    assert grids[0].read_bytes() == grids[1].read_bytes()
+    # the artifact keeps the data settings: encode needs no checkpoint
+    assert datamodule_from_checkpoint(exported, {}).hparams.root == datamodule_from_checkpoint(ckpt, {}).hparams.root
 
 
 def test_cli_wandb_config_logs_offline(image_folder, tmp_path):

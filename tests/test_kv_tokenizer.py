@@ -139,7 +139,7 @@ def test_kv_tokenizer_errors(activations, tmp_path):
     with pytest.raises(ValueError, match="lack \\['cos', 'sin'\\]"):
         KVActivationDataModule({k: v for k, v in activations.items() if k not in ("cos", "sin")})
     with pytest.raises(FileNotFoundError, match="no attention activations at"):
-        KVActivationDataModule(tmp_path / "missing.pt")
+        KVActivationDataModule(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="token sequences \\(T,\\) of one length"):
         collect_attention_inputs(None, [torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)])
     torch.save({"tokenizer_kind": "graph"}, tmp_path / "other.ckpt")
@@ -153,8 +153,8 @@ def test_kv_tokenizer_errors(activations, tmp_path):
 
 def test_activations_saved_to_a_file_are_served_alike(llama, tmp_path):
     ids = [torch.randint(1, 128, (16,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    data = collect_attention_inputs(llama, ids, tmp_path / "kv.pt")
-    loaded = KVActivationDataModule(tmp_path / "kv.pt", window=8, val_sequences=1)
+    data = collect_attention_inputs(llama, ids, tmp_path / "kv.safetensors")
+    loaded = KVActivationDataModule(tmp_path / "kv.safetensors", window=8, val_sequences=1)
     loaded.setup()
     assert len(loaded.splits["train"]) == 4 and len(loaded.splits["val"]) == 2
     item = loaded.splits["val"][1]  # sequence 2, tokens 8..15

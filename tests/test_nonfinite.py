@@ -50,7 +50,8 @@ def test_check_finite_counts_only_bad_entries_and_passes_integers_and_empty():
     check_finite(x, "x")
     check_finite(torch.empty(0, 4).fill_(float("nan")), "x")
     check_finite(torch.arange(4), "x")
-    with pytest.raises(ValueError, match=r"^x holds 3 non-finite values \(NaN or inf\) of 15; clean or drop those rows$"):
+    whole = r"^x holds 3 non-finite values \(NaN or inf\) of 15; clean or drop those rows$"
+    with pytest.raises(ValueError, match=whole):
         check_finite(with_bad(with_bad(x, float("nan"), 0, 1), float("inf"), slice(1, 3), 2), "x")
     with pytest.raises(ValueError, match=r"x holds 1 non-finite value \(NaN or inf\) of 15; do this"):
         check_finite(with_bad(x, float("-inf"), 2, 4).bfloat16(), "x", hint="do this")
@@ -324,4 +325,3 @@ def test_kv_calibration_rejects_non_finite_data():
         outlier_bounds(with_bad(keys, float("inf"), 0, 0, 0, 0), 0.1)
     with pytest.raises(ValueError, match="calibrate_quantizer: vectors holds 1 non-finite value"):
         calibrate_quantizer("vq", with_bad(torch.randn(64, 16), float("nan"), 0, 0), codebook_size=8)
-

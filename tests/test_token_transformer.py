@@ -236,7 +236,7 @@ def test_fit_reads_the_layout_from_the_data_and_checkpoints_rebuild(cls, tmp_pat
         assert torch.equal(restored.state_dict()[key], value), key
 
 
-def test_cli_fit_and_sample_through_a_tokenizer(trained, tmp_path):
+def test_cli_fit_and_sample_through_a_tokenizer(trained, other_vq, tmp_path):
     # the tokens of a real (tiny) tokenizer, written by tokq encode, with labels and the checkpoint path
     tokens = tmp_path / "train.safetensors"
     tokq(["encode", "--ckpt", str(trained / "checkpoints" / "last.ckpt"), "--output", str(tokens), "--split", "train"])
@@ -258,24 +258,24 @@ def test_cli_fit_and_sample_through_a_tokenizer(trained, tmp_path):
     ckpt = next(out.rglob("last.ckpt"))
     with Image.open(next(out.rglob("samples/latest.png"))) as im:  # SampleGrid: two rows of classes
         assert im.size == (20 * 17 + 1, 2 * 17 + 1)
-    grid = tmp_path / "samples.png"
-    tokq(
-        [
-            "sample",
-            "--ckpt",
-            str(ckpt),
-            "--output",
-            str(grid),
-            "--num-images",
-            "6",
-            "--labels",
-            "0",
-            "1",
-            "--steps",
-            "2",
-        ]
-    )
+
+    def sample(model, output, *extra):
+        args = ["sample", "--ckpt", str(model), "--output", str(output), "--num-images", "6", "--labels", "0", "1"]
+        tokq([*args, "--steps", "2", *extra])
+        return output
+
+    grid = sample(ckpt, tmp_path / "samples.png")
     with Image.open(grid) as im:
         assert im.size == (6 * 17 + 1, 18)  # 4x4 tokens decode to six 16x16 images in a row
+    # exported token model and tokenizer: the same samples, no checkpoint needed
+    model_file, tokenizer_file = tmp_path / "maskgit.safetensors", tmp_path / "tokenizer.safetensors"
+    tokq(["export", "--ckpt", str(ckpt), "--output", str(model_file)])
+    tokq(["export", "--ckpt", str(trained / "checkpoints" / "last.ckpt"), "--output", str(tokenizer_file)])
+    exported = sample(model_file, tmp_path / "exported.png", "--tokenizer", str(tokenizer_file))
+    assert exported.read_bytes() == grid.read_bytes()
+    # a tokenizer of the same TokenSpec that did not make the training tokens is refused
+    with pytest.raises(ValueError, match="was trained on tokens made by another tokenizer"):
+        sample(model_file, tmp_path / "other.png", "--tokenizer", str(other_vq))
+    assert sample(model_file, tmp_path / "other.png", "--tokenizer", str(other_vq), "--force").is_file()
     with pytest.raises(ValueError, match="last.ckpt holds AutoencoderModule, not TokenModule"):
         load_token_model(trained / "checkpoints" / "last.ckpt")

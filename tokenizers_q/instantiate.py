@@ -47,25 +47,32 @@ def resolve_class(class_path: Any, bases: Sequence[type] = (nn.Module,)) -> type
         raise ValueError(f"refusing class_path {class_path!r}: it is not a class defined under {allowed}")
     if not issubclass(cls, tuple(bases)):
         expected = " or ".join(b.__name__ for b in bases)
-        raise ValueError(f"refusing class_path {class_path!r}: {cls.__name__} is not a {expected}")
+        raise ValueError(f"refusing class_path {class_path!r}: {cls.__name__} is not a subclass of {expected}")
     return cls
 
 
 def instantiate(config: Any, bases: Sequence[type] = (nn.Module,)) -> Any:
     """Build ``config``: every ``{"class_path", "init_args"}`` dict in it (nested ones first) becomes an object
     through :func:`resolve_class`; other dicts and lists are rebuilt item by item; plain values pass as they
-    are. Nested parts may be any ``nn.Module``; the outermost class must subclass one of ``bases``.
+    are. Nested parts may be any ``nn.Module``; the outermost class must subclass one of ``bases``. Every
+    class path in ``config`` is checked before any constructor runs.
     """
-    return _build(config, tuple(bases))
+    check_buildable(config, bases)
+    return _walk(config, tuple(bases), build=True)
 
 
-def _build(config: Any, bases: tuple[type, ...]) -> Any:
+def check_buildable(config: Any, bases: Sequence[type] = (nn.Module,)) -> None:
+    """Raise the ``ValueError`` that :func:`instantiate` would raise for ``config``, building nothing."""
+    _walk(config, tuple(bases), build=False)
+
+
+def _walk(config: Any, bases: tuple[type, ...], build: bool) -> Any:
     if isinstance(config, list):
-        return [_build(v, (nn.Module,)) for v in config]
+        return [_walk(v, (nn.Module,), build) for v in config]
     if not isinstance(config, dict):
         return config
     if "class_path" not in config:
-        return {k: _build(v, (nn.Module,)) for k, v in config.items()}
+        return {k: _walk(v, (nn.Module,), build) for k, v in config.items()}
     unknown = set(config) - {"class_path", "init_args"}
     if unknown:
         raise ValueError(f"a class_path config takes only 'class_path' and 'init_args', got also {sorted(unknown)}")
@@ -73,4 +80,5 @@ def _build(config: Any, bases: tuple[type, ...]) -> Any:
     init_args = config.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise ValueError(f"init_args of {config['class_path']!r} must be a dict, got {type(init_args).__name__}")
-    return cls(**{k: _build(v, (nn.Module,)) for k, v in init_args.items()})
+    args = {k: _walk(v, (nn.Module,), build) for k, v in init_args.items()}
+    return cls(**args) if build else None

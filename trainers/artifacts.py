@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tokenizers_q.files import read_artifact, state_fingerprint, write_artifact
-from tokenizers_q.instantiate import instantiate, resolve_class
+from tokenizers_q.instantiate import check_buildable, instantiate, resolve_class
 
 FORMAT = "tokenizers_q.exported_module"
 VERSION = 1
@@ -146,7 +146,12 @@ def export_module(source: str | os.PathLike | nn.Module, path: str | os.PathLike
         file = read_module_file(source)
         if not file.module or not file.module.get("class_path"):
             raise ValueError(f"{source} does not say which module it holds (no _class_path): export it from Python")
-    resolve_class(file.module["class_path"])  # refuse to write what no loader would build
+    check_buildable(file.module)  # refuse to write what no loader would build
+    if file.datamodule:
+        import lightning as L
+
+        data = file.datamodule if file.datamodule.get("class_path") else file.datamodule.get("init_args")
+        check_buildable(data, (L.LightningDataModule,))
     config = {"module": file.module, "datamodule": file.datamodule}
     return write_artifact(path, FORMAT, VERSION, config, file.state)
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from tokenizers_q.files import atomic_write
+from tokenizers_q.files import read_artifact, write_artifact
 from tokenizers_q.kv.hf import hf_rotary
 from tokenizers_q.trainers.data import SplitDataModule
 
 ACTIVATIONS = ("queries", "keys", "values")
+FORMAT = "tokenizers_q.attention_inputs"  # the artifact collect_attention_inputs writes
+VERSION = 1
 
 
 def collect_attention_inputs(
@@ -27,7 +29,7 @@ def collect_attention_inputs(
     Every sequence must have the same length T. With ``fisher`` also the diagonal Fisher
     information of each key and value vector (the squared gradient of the language-model
     loss, summed over channels), as weights for k-means (CQ). With ``path`` the result is also
-    written there (atomically) for :class:`KVActivationDataModule`.
+    written there (an artifact, atomically) for :class:`KVActivationDataModule`.
 
     Shapes:
         - sequences: each (T,) token ids
@@ -83,7 +85,7 @@ def collect_attention_inputs(
     data = {name: torch.stack([torch.cat(per_layer) for per_layer in recorded[name]], 1) for name in names}
     data.update(cos=cos.float().cpu(), sin=sin.float().cpu())
     if path is not None:
-        atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
+        write_artifact(path, FORMAT, VERSION, {"num_sequences": len(sequences)}, data)
     return data
 
 
@@ -155,7 +157,7 @@ class KVActivationDataModule(SplitDataModule):
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"no attention activations at {path}")
-            source = torch.load(path, map_location="cpu", weights_only=True)
+            source = read_artifact(path, FORMAT, VERSION).tensors
             check_attention_inputs(source, str(path))
         else:
             check_attention_inputs(source)
