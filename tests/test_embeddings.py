@@ -184,6 +184,12 @@ def test_bad_input_is_reported(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.safetensors is not a readable embedding codec"):
         EmbeddingCodec.load(tmp_path / "bad.safetensors")
+    from tokenizers_q.embeddings.codec import FORMAT, VERSION
+    from tokenizers_q.files import write_artifact
+
+    odd = write_artifact(tmp_path / "odd.safetensors", FORMAT, VERSION, {"dim": 32, "colour": "red"}, {})
+    with pytest.raises(ValueError, match="odd.safetensors is not a valid embedding codec: .*'colour'"):
+        EmbeddingCodec.load(odd)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,12 @@ def test_token_file_errors(tmp_path):
         load_tokens(lying)
 
 
+def test_save_tokens_needs_a_token_spec(tmp_path):
+    with pytest.raises(TypeError, match=r"spec must be a TokenSpec, got tuple \(256,\)"):
+        save_tokens(tmp_path / "t.safetensors", torch.zeros(2, 1, dtype=torch.long), (256,))
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_failed_save_leaves_the_previous_file_intact(tmp_path):
     spec = TokenSpec((16,))
     codes = torch.randint(0, 16, (4, 1))

@@ -241,6 +241,37 @@ def test_bad_configs_and_inputs_are_reported(tmp_path):
         load_quantized(nn.Sequential(nn.Linear(128, 64)), path)
 
 
+def test_load_quantized_refuses_another_architecture_before_changing_it(tmp_path):
+    model = mlp()
+    quantize_(model, IntGridConfig(4, group_size=64), progress=False, verbose=False)
+    path = save_quantized(model, tmp_path / "model.safetensors")
+    others = {
+        "a Linear of shape \\[32, 128\\]": nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(128, 32)),
+        "a GELU of shape None": nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.GELU()),
+        "it lacks \\['3.bias', '3.weight'\\]": nn.Sequential(
+            nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32), nn.Linear(4, 4)
+        ),
+        "quantized '0', a linear of shape \\[64, 128\\]; this model has a Linear of shape \\[63, 128\\]": nn.Sequential(
+            nn.Linear(128, 63), nn.GELU(), nn.Linear(64, 32)
+        ),
+        "was saved from a Sequential, this model is a ModuleList": nn.ModuleList([nn.Linear(128, 64)]),
+    }
+    for message, other in others.items():
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            load_quantized(other, path)
+        after = other.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), message
+    restored = load_quantized(mlp(seed=1), path)
+    x = torch.randn(4, 128)
+    assert torch.equal(restored(x), model(x))
+    normed = nn.Sequential(nn.Linear(128, 64), nn.LayerNorm(64))  # a tensor no config describes
+    quantize_(normed, IntGridConfig(4, group_size=64), progress=False, verbose=False)
+    path = save_quantized(normed, tmp_path / "normed.safetensors")
+    with pytest.raises(ValueError, match=r"holds '1.weight' of shape \[64\], this model's is \[63\]"):
+        load_quantized(nn.Sequential(nn.Linear(128, 64), nn.LayerNorm(63)), path)
+
+
 def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     model = mlp()
     quantize_(model, IntGridConfig(4, group_size=64), progress=False, verbose=False)
