@@ -108,6 +108,18 @@ def test_malicious_checkpoints_run_nothing_in_any_loader(trained, tmp_path):
     assert not (tmp_path / "exported.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
 
 
+def test_resuming_through_tokq_reads_checkpoints_without_pickle(trained, tmp_path):
+    marker = tmp_path / "pwned"
+    path, _ = malicious_checkpoints(trained, tmp_path, marker)["pickle"]
+    config = trained / "config.yaml"
+    with pytest.raises(Exception, match="Weights only load failed"):
+        tokq(["fit", "--config", str(config), "--ckpt_path", str(path), "--trainer.logger", "false"])
+    assert not marker.exists()
+    # the user's own checkpoint resumes as before
+    last = trained / "checkpoints" / "last.ckpt"
+    tokq(["validate", "--config", str(config), "--ckpt_path", str(last), "--trainer.logger", "false"])
+
+
 def test_malicious_artifacts_run_nothing(trained, tmp_path):
     marker = tmp_path / "pwned"
     exported = export_module(trained / "checkpoints" / "last.ckpt", tmp_path / "good.safetensors")

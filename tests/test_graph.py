@@ -11,6 +11,7 @@ from tokenizers_q.models.graph_encoder import GNNEncoder  # noqa: E402
 from tokenizers_q.models.graph_transformer import GraphTransformer  # noqa: E402
 from tokenizers_q.models.ppr import ppr_topk  # noqa: E402
 from tokenizers_q.packing import TokenSpec, load_tokens, save_tokens  # noqa: E402
+from tokenizers_q.trainers.artifacts import load_module  # noqa: E402
 from tokenizers_q.trainers.graph_data import (  # noqa: E402
     GraphDataModule,
     ba_house,
@@ -423,7 +424,7 @@ def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
         + ["--model.init_args.init_from_codebook=true"]
     )
     gt_ckpt = tmp_path / "graph-transformer" / "version_0" / "checkpoints" / "last.ckpt"
-    model = GraphTransformerModule.load_from_checkpoint(gt_ckpt, weights_only=False).eval()
+    model = load_module(gt_ckpt, GraphTransformerModule)
     data = NodeTokenDataModule(str(tokens_path), batch_size=300)
     codes, scores, valid, labels = next(iter(data.dataloader("test")))
     with torch.no_grad():

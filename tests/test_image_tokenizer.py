@@ -196,7 +196,7 @@ def run_fit(root: Path, image_folder: Path, max_steps: int, callbacks=(), ckpt_p
         callbacks=[checkpoint, *callbacks],
         default_root_dir=root,
     )
-    trainer.fit(model, folder_data(image_folder), ckpt_path=ckpt_path)
+    trainer.fit(model, folder_data(image_folder), ckpt_path=ckpt_path, weights_only=True)
     return model
 
 
@@ -206,7 +206,7 @@ def test_resume_after_kill_matches_uninterrupted_run(image_folder, tmp_path):
     full = run_fit(tmp_path / "full", image_folder, 12)
     with pytest.raises(RuntimeError, match="killed at step 7"):
         run_fit(tmp_path / "killed", image_folder, 12, callbacks=[KillAt(7)])
-    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["global_step"] == 5
     resumed = run_fit(tmp_path / "killed", image_folder, 12, ckpt_path=tmp_path / "killed" / "last.ckpt")
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

@@ -244,8 +244,17 @@ def export_command(argv: list[str]) -> Path:
 
 
 def lightning_cli(argv: list[str] | None):
+    """LightningCLI on any module and data module; ``--ckpt_path`` checkpoints are read with
+    ``weights_only=True`` (no pickled code runs) unless ``--weights_only false`` is given."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class SafeResumeParser(LightningArgumentParser):
+        def add_method_arguments(self, *args, **kwargs):
+            added = super().add_method_arguments(*args, **kwargs)
+            if "weights_only" in added:
+                self.set_defaults(weights_only=True)
+            return added
 
     return LightningCLI(
         L.LightningModule,
@@ -257,6 +266,7 @@ def lightning_cli(argv: list[str] | None):
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         },
         save_config_kwargs={"overwrite": True},
+        parser_class=SafeResumeParser,
         args=argv,
     )
 
