@@ -140,6 +140,10 @@ def cli_config(image_folder: Path, quantizer: dict, out: Path) -> Path:
                 {"class_path": "tokenizers_q.trainers.CodebookHealth", "init_args": {"every_n_steps": 2}},
                 {"class_path": "tokenizers_q.trainers.ReconstructionGrid"},
                 {"class_path": "tokenizers_q.trainers.CodebookUsagePlot"},
+                {
+                    "class_path": "tokenizers_q.trainers.ExportOnFitEnd",
+                    "init_args": {"filename": "tokenizer.safetensors"},
+                },
             ],
         },
         "model": {
@@ -165,7 +169,3 @@ def cli_config(image_folder: Path, quantizer: dict, out: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-VQ_CONFIG = {"class_path": "tokenizers_q.VQ", "init_args": {"dim": 8, "codebook_size": 32, "channel_first": True}}
-FSQ_CONFIG = {"class_path": "tokenizers_q.FSQ", "init_args": {"dim": 8, "levels": [5, 5], "channel_first": True}}

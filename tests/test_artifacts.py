@@ -176,3 +176,25 @@ def test_instantiate_builds_only_library_and_torch_nn_classes():
         instantiate(
             {"class_path": "tokenizers_q.VQ", "init_args": {"dim": 4, "codebook_size": 8}}, (AutoencoderModule,)
         )
+
+
+def test_a_checkpoint_of_parts_built_in_python_says_why_it_cannot_be_rebuilt(tmp_path):
+    import lightning as L
+
+    from tokenizers_q import VQ
+    from tokenizers_q.models import Decoder, Encoder
+
+    parts = dict(
+        encoder=Encoder(in_channels=1, base_channels=8, channel_mult=[1, 2], latent_dim=8),
+        decoder=Decoder(out_channels=1, base_channels=8, channel_mult=[1, 2], latent_dim=8),
+        quantizer=VQ(dim=8, codebook_size=16, channel_first=True),
+    )
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(AutoencoderModule(**parts))
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    with pytest.raises(ValueError, match="its config does not build AutoencoderModule .*missing.*'encoder'"):
+        load_tokenizer(tmp_path / "python.ckpt")
+    with pytest.raises(
+        ValueError, match=r"the hyper-parameters \['encoder', 'decoder', 'quantizer'\] are module objects"
+    ):
+        export_module(AutoencoderModule(**parts), tmp_path / "python.safetensors")

@@ -16,7 +16,7 @@ from tokenizers_q import VQ
 from tokenizers_q.models import Decoder, Encoder, PatchDiscriminator
 from tokenizers_q.packing import load_tokens
 from tokenizers_q.trainers import AutoencoderModule, ImageDataModule
-from tokenizers_q.trainers.artifacts import tokenizer_fingerprint
+from tokenizers_q.trainers.artifacts import read_module_file, tokenizer_fingerprint
 from tokenizers_q.trainers.autoencoder import load_tokenizer
 from tokenizers_q.trainers.cli import datamodule_from_checkpoint
 from tokenizers_q.trainers.cli import main as tokq
@@ -278,6 +278,11 @@ def test_exported_tokenizer_encodes_and_decodes_like_its_checkpoint(trained, tmp
     ckpt = trained / "checkpoints" / "last.ckpt"
     exported = tmp_path / "share" / "tokenizer.safetensors"
     tokq(["export", "--ckpt", str(ckpt), "--output", str(exported)])
+    # ExportOnFitEnd wrote the same weights and description at the end of fit
+    at_fit_end = read_module_file(trained / "tokenizer.safetensors")
+    assert at_fit_end.module == read_module_file(exported).module
+    assert at_fit_end.datamodule == read_module_file(exported).datamodule
+    assert all(torch.equal(v, read_module_file(exported).state[k]) for k, v in at_fit_end.state.items())
     from_ckpt, from_export = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     tokq(["encode", "--ckpt", str(ckpt), "--output", str(from_ckpt)])
     tokq(["encode", "--ckpt", str(exported), "--output", str(from_export)])

@@ -4,7 +4,13 @@ import importlib
 
 from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
 from tokenizers_q.trainers.autoregressive import AutoregressiveTokenModule
-from tokenizers_q.trainers.callbacks import CodebookHealth, CodebookUsagePlot, ReconstructionGrid, SampleGrid
+from tokenizers_q.trainers.callbacks import (
+    CodebookHealth,
+    CodebookUsagePlot,
+    ExportOnFitEnd,
+    ReconstructionGrid,
+    SampleGrid,
+)
 from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
 from tokenizers_q.trainers.maskgit import MaskedTokenModule
 from tokenizers_q.trainers.token_data import TokenDataModule
@@ -38,6 +44,7 @@ __all__ = [
     "CodebookHealth",
     "CodebookUsagePlot",
     "EpochSeededSampler",
+    "ExportOnFitEnd",
     "GraphDataModule",
     "GraphTokenizerModule",
     "GraphTransformerModule",

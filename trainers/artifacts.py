@@ -100,7 +100,13 @@ def load_module(path: str | os.PathLike, base: type[nn.Module]) -> nn.Module:
         raise ValueError(f"{path} holds {cls.__name__}, not {base.__name__}")
     with warnings.catch_warnings():  # Lightning warns when injected parts are saved as hyper-parameters
         warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
-        module = instantiate({"class_path": class_path, "init_args": config.get("init_args") or {}}, (base,))
+        try:
+            module = instantiate({"class_path": class_path, "init_args": config.get("init_args") or {}}, (base,))
+        except TypeError as err:  # a config that does not fit the class (a module built in Python, an edit)
+            raise ValueError(
+                f"{path}: its config does not build {cls.__name__} ({err}); parts passed as module objects are not "
+                "saved as configs: build the module from class_path/init_args configs (as tokq fit does)"
+            ) from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -1,4 +1,4 @@
-"""Callbacks a person looks at: codebook health in the logs, reconstruction and usage PNGs."""
+"""Callbacks: codebook health in the logs, reconstruction and usage PNGs, the exported model at the end of fit."""
 
 from __future__ import annotations
 
@@ -168,3 +168,23 @@ class SampleGrid(L.Callback):
         folder = run_dir(trainer) / "samples"
         save_image_grid(images, folder / f"step_{trainer.global_step:06d}.png", nrow=max(1, per_row))
         self.last_path = save_image_grid(images, folder / "latest.png", nrow=max(1, per_row))
+
+
+class ExportOnFitEnd(L.Callback):
+    """At the end of ``fit``, write the trained module as an exported artifact (what ``tokq export`` writes):
+    ``<run folder>/<filename>``, ready to share and to give to ``tokq encode/decode/sample``.
+
+    Args:
+        filename: the artifact's name inside the run folder. Default: ``"model.safetensors"``.
+    """
+
+    def __init__(self, filename: str = "model.safetensors"):
+        if not filename.endswith(".safetensors") or Path(filename).name != filename:
+            raise ValueError(f"filename must be a plain name ending in .safetensors, got {filename!r}")
+        self.filename = filename
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from tokenizers_q.trainers.artifacts import export_module
+
+        if trainer.is_global_zero:
+            export_module(pl_module, run_dir(trainer) / self.filename, trainer.datamodule)
