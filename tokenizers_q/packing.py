@@ -21,7 +21,6 @@ from tokenizers_q.files import read_artifact, write_artifact
 FORMAT = "tokenizers_q.token_file"
 VERSION = 2  # 2: the artifact header with checksums
 _CODES_KEY = "codes"
-_ROWS_PER_CHUNK = 8 * 2**15  # a multiple of 8, so each chunk packs into whole bytes
 MAX_BITS = 62
 
 
@@ -108,9 +107,11 @@ class TokenSpec:
             )
         if codes.numel() == 0:
             return
+        columns = codes.reshape(-1, self.num_codebooks)
+        low, high = columns.amin(0), columns.amax(0)  # one pass each; positions only on failure
         sizes = torch.tensor(self.codebook_sizes, device=codes.device)
-        bad = (codes < 0) | (codes >= sizes)
-        if bad.any():
+        if bool(((low < 0) | (high >= sizes)).any()):
+            bad = (codes < 0) | (codes >= sizes)
             pos = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"{what} out of range: value {int(codes[tuple(pos)])} at index {tuple(pos)} "
@@ -118,31 +119,89 @@ class TokenSpec:
             )
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The narrowest integer dtype holding every ``bits``-bit code: uint8, int16, int32 or int64."""
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32 if bits <= 31 else torch.int64
+
+
+def _fields(spec: TokenSpec) -> list[tuple[int, int, int, int]]:
+    """(token, codebook, bit offset, width) of every code in a group of 8 tokens, which fills exactly
+    ``bits_per_token`` bytes of the least-significant-bit-first stream."""
+    fields, offset = [], 0
+    for token in range(8):
+        for codebook, width in enumerate(spec.bits):
+            fields.append((token, codebook, offset, width))
+            offset += width
+    return fields
+
+
+def _work_dtype(spec: TokenSpec) -> torch.dtype:
+    """The narrowest integers the shifts can run in: each output byte and each code is read from bit
+    patterns masked to its width, so shifts may wrap (uint8 up to 8-bit codes, int16 up to 15)."""
+    widest = max(spec.bits)
+    return code_dtype(widest) if widest <= 15 else torch.int32 if widest <= 24 else torch.int64
+
+
 def pack_codes(codes: torch.Tensor, spec: TokenSpec) -> torch.Tensor:
-    """Pack codes into bytes, ``spec.bits`` bits per codebook, least significant bit first.
+    """Pack codes into bytes, ``spec.bits`` bits per codebook, least significant bit first, on the codes'
+    device.
+
+    Word-level shifts and masks: 8 tokens fill ``bits_per_token`` whole bytes, and each output byte is the OR
+    of the (at most a few) shifted codes that overlap it, computed for all groups at once. Codes of 8 bits
+    are stored as they are.
 
     Shapes:
         - codes: (*, num_codebooks), integer
         - output: (ceil(numel / num_codebooks * bits_per_token / 8),), uint8
     """
     spec.check_codes(codes)
-    flat = codes.reshape(-1, spec.num_codebooks).long().cpu()
-    shifts = [torch.arange(b) for b in spec.bits]
-    out = []
-    for start in range(0, flat.shape[0], _ROWS_PER_CHUNK):
-        rows = flat[start : start + _ROWS_PER_CHUNK]
-        bits = torch.cat([(rows[:, c : c + 1] >> s) & 1 for c, s in enumerate(shifts)], dim=1).reshape(-1)
-        bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 8)).reshape(-1, 8)
-        out.append((bits << torch.arange(8)).sum(-1).to(torch.uint8))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    flat = codes.reshape(-1, spec.num_codebooks)
+    n, total_bits = flat.shape[0], spec.bits_per_token
+    size = -(-n * total_bits // 8)
+    if spec.bits == (8,) * spec.num_codebooks:
+        return flat.to(torch.uint8).reshape(-1)
+    if spec.num_codebooks == 1 and spec.bits[0] in (1, 2, 4):  # whole codes per byte: OR them in place
+        width, per_byte = spec.bits[0], 8 // spec.bits[0]
+        work = flat.reshape(-1).to(torch.uint8)
+        if size * per_byte > n:
+            work = torch.cat([work, work.new_zeros(size * per_byte - n)])
+        columns = work.view(size, per_byte)
+        out = columns[:, 0].clone()
+        for i in range(1, per_byte):
+            out |= columns[:, i] << (width * i)
+        return out
+    groups = -(-n // 8)
+    work = flat.to(_work_dtype(spec))
+    if groups * 8 > n:
+        work = torch.cat([work, work.new_zeros(groups * 8 - n, spec.num_codebooks)])
+    planes = work.view(groups, 8, spec.num_codebooks).permute(1, 2, 0).contiguous()  # (8, C, groups)
+    out = torch.empty(total_bits, groups, dtype=torch.uint8, device=codes.device)
+    fields = _fields(spec)
+    for byte in range(total_bits):
+        start = 8 * byte
+        acc = None
+        for token, codebook, offset, width in fields:
+            if offset + width <= start or offset >= start + 8:
+                continue
+            code = planes[token, codebook]
+            term = code << (offset - start) if offset >= start else code >> (start - offset)
+            acc = term if acc is None else acc | term
+        out[byte] = acc & 0xFF
+    return out.t().reshape(-1)[:size]
 
 
-def unpack_codes(packed: torch.Tensor, spec: TokenSpec, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`; validates byte count and code ranges.
+def unpack_codes(
+    packed: torch.Tensor, spec: TokenSpec, shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` on the bytes' device; validates byte count and (when a codebook's size
+    is not a power of two) code ranges.
+
+    Args:
+        dtype: of the codes; default: the narrowest that holds the widest code (:func:`code_dtype`).
 
     Shapes:
         - packed: (num_bytes,), uint8
-        - output: ``shape`` = (*, num_codebooks), int64
+        - output: ``shape`` = (*, num_codebooks)
     """
     shape = tuple(int(s) for s in shape)
     if not shape or shape[-1] != spec.num_codebooks:
@@ -150,25 +209,39 @@ def unpack_codes(packed: torch.Tensor, spec: TokenSpec, shape: tuple[int, ...]) 
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     num_tokens = math.prod(shape) // spec.num_codebooks
-    expected = math.ceil(num_tokens * spec.bits_per_token / 8)
+    total_bits = spec.bits_per_token
+    expected = math.ceil(num_tokens * total_bits / 8)
     if packed.numel() != expected:
         raise ValueError(
-            f"packed codes hold {packed.numel()} bytes but shape {shape} at {spec.bits_per_token} bits "
+            f"packed codes hold {packed.numel()} bytes but shape {shape} at {total_bits} bits "
             f"per token needs {expected}: the data does not match its header"
         )
-    bytes_per_chunk = _ROWS_PER_CHUNK * spec.bits_per_token // 8
-    offsets = torch.tensor([0, *spec.bits]).cumsum(0).tolist()
-    out = []
-    packed = packed.cpu().long()
-    for start in range(0, packed.numel(), bytes_per_chunk):
-        bits = ((packed[start : start + bytes_per_chunk, None] >> torch.arange(8)) & 1).reshape(-1)
-        rows = min(_ROWS_PER_CHUNK, num_tokens - (start // bytes_per_chunk) * _ROWS_PER_CHUNK)
-        bits = bits[: rows * spec.bits_per_token].reshape(rows, spec.bits_per_token)
-        cols = [(bits[:, lo:hi] << torch.arange(hi - lo)).sum(-1) for lo, hi in zip(offsets[:-1], offsets[1:])]
-        out.append(torch.stack(cols, dim=1))
-    codes = torch.cat(out) if out else torch.zeros(0, spec.num_codebooks, dtype=torch.long)
-    codes = codes.reshape(shape)
-    spec.check_codes(codes, what="unpacked codes (corrupt data?)")
+    dtype = dtype or code_dtype(max(spec.bits))
+    if spec.bits == (8,) * spec.num_codebooks:
+        codes = packed.to(dtype).reshape(shape)
+    elif spec.num_codebooks == 1 and spec.bits[0] in (1, 2, 4):  # whole codes per byte
+        width, per_byte = spec.bits[0], 8 // spec.bits[0]
+        out = torch.empty(packed.numel(), per_byte, dtype=torch.uint8, device=packed.device)
+        for i in range(per_byte):
+            torch.bitwise_and(packed >> (width * i), (1 << width) - 1, out=out[:, i])
+        codes = out.reshape(-1)[:num_tokens].to(dtype).reshape(shape)
+    else:
+        groups = -(-num_tokens // 8)
+        work = packed.to(_work_dtype(spec))
+        if groups * total_bits > work.numel():
+            work = torch.cat([work, work.new_zeros(groups * total_bits - work.numel())])
+        planes = work.view(groups, total_bits).t().contiguous()  # (bytes per group, groups)
+        out = torch.empty(groups, 8, spec.num_codebooks, dtype=dtype, device=packed.device)
+        for token, codebook, offset, width in _fields(spec):
+            acc = None
+            for byte in range(offset // 8, (offset + width - 1) // 8 + 1):
+                start = 8 * byte
+                term = planes[byte] >> (offset - start) if offset >= start else planes[byte] << (start - offset)
+                acc = term if acc is None else acc | term
+            out[:, token, codebook] = acc & ((1 << width) - 1)
+        codes = out.reshape(-1, spec.num_codebooks)[:num_tokens].reshape(shape)
+    if any(size != 2**bits for size, bits in zip(spec.codebook_sizes, spec.bits)):
+        spec.check_codes(codes, what="unpacked codes (corrupt data?)")
     return codes
 
 
@@ -228,7 +301,7 @@ def load_tokens(path: str | os.PathLike, expected_spec: TokenSpec | None = None)
         raise ValueError(f"{path} is a token file without its {_CODES_KEY!r} tensor")
     try:
         spec = TokenSpec.from_dict(config["spec"])
-        codes = unpack_codes(tensors.pop(_CODES_KEY), spec, tuple(config["shape"]))
+        codes = unpack_codes(tensors.pop(_CODES_KEY), spec, tuple(config["shape"]), torch.long)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is a corrupt token file: {err}") from None
     if expected_spec is not None and spec != expected_spec:

@@ -274,7 +274,7 @@ class EmbeddingCodec(nn.Module):
         if self._whole_bytes:
             tokens = packed.long()
         else:
-            tokens = unpack_codes(packed.reshape(-1), self.spec, (n, self.spec.num_codebooks)).to(packed.device)
+            tokens = unpack_codes(packed.reshape(-1), self.spec, (n, self.spec.num_codebooks), torch.long)
         first = 1 if self.num_lists > 1 else 0
         lists = tokens[:, 0] if first else torch.zeros(n, dtype=torch.long, device=packed.device)
         return lists, tokens[:, first : first + self.num_codebooks]

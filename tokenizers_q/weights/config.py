@@ -79,10 +79,12 @@ def check_weight(weight: torch.Tensor, hessian: torch.Tensor | None, needs_hessi
 
 
 def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer levels in ``[0, 2^bits)`` packed ``bits`` bits each into a 1-d uint8 tensor."""
-    return pack_codes(levels.reshape(-1, 1).long(), TokenSpec((2**bits,)))
+    """Integer levels in ``[0, 2^bits)`` packed ``bits`` bits each into a 1-d uint8 tensor (on their device)."""
+    return pack_codes(levels.reshape(-1, 1), TokenSpec((2**bits,)))
 
 
-def unpack_levels(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_levels` (int64 levels of ``shape``)."""
-    return unpack_codes(packed.cpu(), TokenSpec((2**bits,)), (*shape, 1)).reshape(shape).to(packed.device)
+def unpack_levels(
+    packed: torch.Tensor, bits: int, shape: tuple[int, ...], dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`: levels of ``shape`` in ``dtype``, on the packed bytes' device."""
+    return unpack_codes(packed, TokenSpec((2**bits,)), (*shape, 1), dtype).reshape(shape)

@@ -36,7 +36,7 @@ class TernaryConfig(WeightQuantConfig):
         magnitude = weight.abs().mean() if self.granularity == "tensor" else weight.abs().mean(1)
         scale = magnitude.reshape(-1).clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
         per_row = scale.float()[:, None] if self.granularity == "channel" else scale.float()
-        levels = torch.round(weight / per_row).clamp(-1, 1) + 1
+        levels = (torch.round(weight / per_row).clamp(-1, 1) + 1).to(torch.uint8)
         return {"codes": pack_levels(levels, 2), "scale": scale}
 
     def dequantize(self, tensors, shape):
