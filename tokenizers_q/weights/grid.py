@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizers_q.grids import GridCodes, dequantize_grid, quantize_grid
+from tokenizers_q.packing import code_dtype
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_bits,
@@ -16,6 +17,7 @@ from tokenizers_q.weights.config import (
     unpack_levels,
 )
 from tokenizers_q.weights.gptq import gptq
+from tokenizers_q.weights.kernels import layout_of, layout_weight
 
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -117,9 +119,16 @@ class IntGridConfig(WeightQuantConfig):
             tensors["offset"] = codes.offset
         return tensors
 
+    def levels(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The grid levels (out, in) of codes-layout ``tensors``."""
+        return unpack_levels(tensors["codes"], self.bits, shape, code_dtype(self.bits))
+
     def dequantize(self, tensors, shape):
+        layout = layout_of(tensors)
+        if layout is not None:
+            return layout_weight(layout, tensors, tuple(shape))
         rows = (1, shape[0] * shape[1]) if self.granularity == "tensor" else tuple(shape)
         group = rows[1] if self.granularity != "group" else self.group_size
-        levels = unpack_levels(tensors["codes"], self.bits, rows)
+        levels = self.levels(tensors, tuple(shape)).reshape(rows)
         codes = GridCodes(levels, tensors["scale"], tensors.get("offset"), self.bits, 1, group)
         return dequantize_grid(codes).reshape(shape)

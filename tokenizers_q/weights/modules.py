@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_q.weights.config import WeightQuantConfig
+from tokenizers_q.weights.kernels import kernel_layout, layout_linear, layout_of, to_layout
 
 
 class QuantizedWeight(nn.Module):
@@ -52,20 +53,36 @@ class QuantizedWeight(nn.Module):
 
 
 class QuantizedLinear(QuantizedWeight):
-    """A quantized ``nn.Linear``: ``y = x W^T + b`` with ``W`` dequantized from its codes.
+    """A quantized ``nn.Linear``: ``y = x W^T + b``, on torch's packed int4 / int8 kernels where the method
+    allows (``layout``, see :mod:`tokenizers_q.weights.kernels`), else with ``W`` dequantized from its codes.
 
     Shapes:
         - input: (*, in_features); output: (*, out_features)
     """
 
     def __init__(self, shape, config, tensors, bias: torch.Tensor | None = None, cache_weight: bool = False):
+        layout = layout_of(tensors)
+        if layout is None and not cache_weight:
+            layout = kernel_layout(config, tuple(shape), next(iter(tensors.values())).device)
+            if layout is not None:  # held in the kernel's layout from now on (and saved so)
+                levels = config.levels(tensors, tuple(shape))
+                tensors = to_layout(layout, levels, tensors)
         super().__init__(shape, config, tensors, cache_weight)
+        self.layout = layout
         self.out_features, self.in_features = self.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.layout is not None and not self.cache_weight and x.device.type == "cpu":  # the kernels are CPU ones
+            tensors = {n: getattr(self, n) for n in self.stored}
+            out = layout_linear(self.layout, x, tensors)
+            return out if bias is None else out + bias
         weight = self.dequantized().to(x.device, x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", layout={self.layout}" if self.layout else "")
 
 
 class QuantizedEmbedding(QuantizedWeight):

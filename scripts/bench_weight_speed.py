@@ -1,0 +1,167 @@
+"""Quantized models that run: forward latency and held bytes of a quantized MLP stack against fp32 and torchao.
+
+    python scripts/bench_weight_speed.py                 # one thread, every method
+    pip install torchao                                  # optional anchors, measured when installed
+    python scripts/bench_weight_speed.py --methods int4-g128-asym int8 --repeats 10
+
+The model: 4 blocks of Linear(1024 -> 4096), GELU, Linear(4096 -> 1024) (33.6M weights), eval mode,
+float32 activations, every linear layer quantized by ``quantize_``. For each method: stored bits per
+weight, the bytes every tensor of the model holds after forwards (summed over buffers, parameters and
+cached tensors), and the best forward time of ``--repeats`` at batch 1 and batch 64, as multiples of
+the float32 model measured in the same run. torchao's int4/int8 weight-only rows run on a bfloat16 copy
+of the model (what torchao's CPU kernels take); a row that cannot run here says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from tokenizers_q.weights import (
+    IntGridConfig,
+    KMeansConfig,
+    NF4Config,
+    TernaryConfig,
+    VectorCodebookConfig,
+    model_bits_per_weight,
+    quantize_,
+)
+
+METHODS = {
+    "int4-g128-asym": IntGridConfig(4, group_size=128, symmetric=False),
+    "int4-g128": IntGridConfig(4, group_size=128),
+    "int4-g32": IntGridConfig(4, group_size=32),
+    "int8": IntGridConfig(8, granularity="channel"),
+    "nf4": NF4Config(64),
+    "int3-g128-asym": IntGridConfig(3, group_size=128, symmetric=False),
+    "kmeans-3": KMeansConfig(3, num_iters=10),
+    "ternary": TernaryConfig(),
+    "vector-2": VectorCodebookConfig(dim=4, codebook_size=256, num_iters=5),
+}
+
+
+def mlp_stack() -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)) for _ in range(4)]
+    return nn.Sequential(*blocks).eval()
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage the model reaches: parameters, buffers and tensor attributes
+    (a cached float weight included), tensor subclasses by their inner tensors."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        inner = getattr(t, "__tensor_flatten__", None)
+        if inner is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+            for name in inner()[0]:
+                add(getattr(t, name))
+            return
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+
+    for module in model.modules():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            add(t)
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor):
+                add(value)
+    return sum(seen.values())
+
+
+def latency(model: nn.Module, batch: int, dtype: torch.dtype, repeats: int) -> float:
+    x = torch.randn(batch, 1024, generator=torch.Generator().manual_seed(batch)).to(dtype)
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def torchao_model(kind: str) -> tuple[nn.Module, float]:
+    """torchao's int4 (group 128) or int8 weight-only on a bfloat16 copy; (model, bits per weight)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    model = mlp_stack().to(torch.bfloat16)
+    if kind == "int4":
+        errors = []
+        for packing in ("plain", "tile_packed_to_4d", "plain_int32", "preshuffled"):
+            try:
+                candidate = mlp_stack().to(torch.bfloat16)
+                ao_quantize_(candidate, Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
+                candidate(torch.randn(1, 1024, dtype=torch.bfloat16))
+                return candidate, 4 + 32 / 128
+            except Exception as err:  # each packing format needs its own kernel library or device
+                errors.append(f"{packing}: {str(err).splitlines()[0][:120]}")
+        raise RuntimeError("; ".join(errors))
+    ao_quantize_(model, Int8WeightOnlyConfig())
+    return model, 8 + 16 / 1024
+
+
+def row(name: str, bits: float, model: nn.Module, dtype: torch.dtype, reference: dict, repeats: int) -> str:
+    one, many = latency(model, 1, dtype, repeats), latency(model, 64, dtype, repeats)
+    held = held_bytes(model)
+    return (
+        f"| {name} | {bits:.3f} | {held / 2**20:.1f} | {held / reference['held']:.3f}x | {one:.2f} | "
+        f"{reference['one'] / one:.2f}x | {many:.1f} | {reference['many'] / many:.2f}x |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-torchao", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32 = mlp_stack()
+    reference = {
+        "one": latency(fp32, 1, torch.float32, args.repeats),
+        "many": latency(fp32, 64, torch.float32, args.repeats),
+        "held": held_bytes(fp32),
+    }
+    print(f"4 x (1024 -> 4096 -> 1024) MLP blocks, {args.threads} thread(s), best of {args.repeats}\n")
+    print(
+        "| method | bits/weight | held MiB | held vs fp32 | batch 1 ms | speed vs fp32 | batch 64 ms | speed vs fp32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(row("fp32", 32.0, fp32, torch.float32, reference, args.repeats))
+    print(
+        row(
+            "bf16 (the kernels' activations)",
+            16.0,
+            mlp_stack().to(torch.bfloat16),
+            torch.bfloat16,
+            reference,
+            args.repeats,
+        )
+    )
+    for name in args.methods:
+        model = mlp_stack()
+        quantize_(model, METHODS[name], progress=False, verbose=False)
+        layouts = {getattr(m, "layout", None) for m in model.modules() if hasattr(m, "layout")}
+        label = f"{name} ({', '.join(sorted(str(x) for x in layouts))})"
+        print(row(label, model_bits_per_weight(model), model, torch.float32, reference, args.repeats), flush=True)
+    if not args.no_torchao:
+        for kind in ("int4", "int8"):
+            try:
+                model, bits = torchao_model(kind)
+            except ImportError:
+                print(f"| torchao {kind} weight-only | - | - | - | not installed | - | - | - |")
+                continue
+            except Exception as err:
+                print(f"| torchao {kind} weight-only | - | - | - | does not run here: {err} | - | - | - |")
+                continue
+            print(row(f"torchao {kind} weight-only (bf16)", bits, model, torch.bfloat16, reference, args.repeats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Run-time layouts of quantized weights: torch's packed int4 / int8 kernels against dequantize-then-matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tokenizers_q.weights import IntGridConfig, KMeansConfig, NF4Config, quantize_
+from tokenizers_q.weights.kernels import INT4_GROUP_SIZES, kernel_layout, layout_weight
+from tokenizers_q.weights.modules import QuantizedLinear
+from tokenizers_q.weights.quantize import load_quantized, save_quantized
+
+needs_int4 = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel"
+)
+
+
+def weight(rows=64, cols=256, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of every tensor the module reaches (buffers, parameters and any cached weight)."""
+    tensors = list(module.buffers()) + list(module.parameters())
+    tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CONFIGS = [
+    *(pytest.param(IntGridConfig(4, group_size=g), "int4pack", marks=needs_int4) for g in INT4_GROUP_SIZES),
+    pytest.param(IntGridConfig(4, group_size=128, symmetric=False), "int4pack", marks=needs_int4),
+    (IntGridConfig(8, granularity="channel"), "int8pack"),
+    (IntGridConfig(8, granularity="channel", symmetric=False), None),
+    (IntGridConfig(3, group_size=128), None),
+    (NF4Config(64), None),
+    (KMeansConfig(3), None),
+]
+
+
+@pytest.mark.parametrize("config, layout", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_layout_matches_dequantize_then_matmul(config, layout, dtype):
+    w = weight()
+    codes = config.quantize(w)
+    reference = config.dequantize(codes, tuple(w.shape))  # the codes layout, as saved before kernels
+    layer = QuantizedLinear(tuple(w.shape), config, codes, bias=torch.randn(64))
+    assert layer.layout == layout
+    # the kernel layout holds the same weights (int4: scales rounded to bfloat16)
+    tolerance = 4e-3 if layout == "int4pack" else 0.0
+    assert relative(layer.dequantized(), reference) <= tolerance
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = x.float() @ layer.dequantized().T + layer.bias
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (3, 5, 64)
+    # bfloat16 activations inside the kernels, or in the input itself
+    assert relative(out, expected) < (1e-5 if layout is None and dtype == torch.float32 else 1e-2)
+
+
+@needs_int4
+def test_int4_layout_is_exact_on_its_own_weights():
+    config = IntGridConfig(4, group_size=64, symmetric=False)
+    w = weight(128, 512)
+    layer = QuantizedLinear((128, 512), config, config.quantize(w))
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    exact = (x.double() @ layer.dequantized().double().T).float()
+    assert relative(layer(x), exact) < 1e-2
+    # the nibbles come back to the grid levels: a weight's dequantized value lies on its group's grid
+    tensors = {n: getattr(layer, n) for n in layer.stored}
+    scales = tensors["scales_and_zeros"].float()[..., 0].t().repeat_interleave(64, 1)
+    zeros = tensors["scales_and_zeros"].float()[..., 1].t().repeat_interleave(64, 1)
+    levels = (layout_weight("int4pack", tensors, (128, 512)) - zeros) / scales + 8
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.min() >= 0 and levels.max() <= 15
+
+
+@pytest.mark.parametrize(
+    "config", [pytest.param(IntGridConfig(4, group_size=128), marks=needs_int4), IntGridConfig(8, "channel")], ids=str
+)
+def test_kernel_layouts_hold_their_counted_bytes_and_survive_files(config, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    quantize_(model, config, progress=False, verbose=False)
+    x = torch.randn(7, 256)
+    before = model(x)
+    for layer in (model[0], model[2]):
+        assert layer.layout is not None and layer._cached is None  # no float copy of the weight after forwards
+        counted = layer.bits_per_weight() * layer.shape[0] * layer.shape[1] / 8
+        bias = layer.bias.numel() * 4
+        assert held_bytes(layer) <= 1.05 * counted + bias
+    path = save_quantized(model, tmp_path / "model.safetensors")
+    fresh = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    restored = load_quantized(fresh, path)
+    assert restored[0].layout == model[0].layout
+    assert torch.equal(restored(x), before)
+
+
+def test_layouts_are_chosen_only_where_the_kernels_apply():
+    cpu = torch.device("cpu")
+    assert kernel_layout(IntGridConfig(4, group_size=100), (64, 300), cpu) is None
+    assert kernel_layout(IntGridConfig(4, group_size=128), (60, 256), cpu) is None  # rows not a multiple of 8
+    assert kernel_layout(IntGridConfig(4, granularity="channel"), (64, 256), cpu) is None
+    assert kernel_layout(IntGridConfig(8, granularity="group"), (64, 256), cpu) is None
+    assert kernel_layout(NF4Config(), (64, 256), cpu) is None
+    assert kernel_layout(IntGridConfig(4, group_size=128), (64, 256), torch.device("meta")) is None
+    # the user who asks to cache the float weight keeps the codes layout
+    config = IntGridConfig(8, granularity="channel")
+    assert QuantizedLinear((64, 256), config, config.quantize(weight()), cache_weight=True).layout is None
