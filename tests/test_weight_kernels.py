@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from tokenizers_q.weights import IntGridConfig, KMeansConfig, NF4Config, quantize_
+from tokenizers_q.weights import (
+    IntGridConfig,
+    KMeansConfig,
+    NF4Config,
+    TernaryConfig,
+    VectorCodebookConfig,
+    quantize_,
+)
 from tokenizers_q.weights.kernels import INT4_GROUP_SIZES, kernel_layout, layout_weight
 from tokenizers_q.weights.modules import QuantizedLinear
 from tokenizers_q.weights.quantize import load_quantized, save_quantized
@@ -37,9 +44,32 @@ CONFIGS = [
     (IntGridConfig(8, granularity="channel"), "int8pack"),
     (IntGridConfig(8, granularity="channel", symmetric=False), None),
     (IntGridConfig(3, group_size=128), None),
+    (IntGridConfig(2, granularity="tensor"), None),
     (NF4Config(64), None),
     (KMeansConfig(3), None),
+    (TernaryConfig("channel"), None),
+    (VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, num_iters=3), None),
 ]
+
+
+ROW_CONFIGS = [
+    IntGridConfig(3, group_size=50, symmetric=False),
+    IntGridConfig(4, granularity="tensor"),
+    NF4Config(50),
+    KMeansConfig(3, num_iters=3),
+    TernaryConfig(),
+    VectorCodebookConfig(dim=5, codebook_size=8, num_codebooks=2, num_iters=3),
+]
+
+
+@pytest.mark.parametrize("config", ROW_CONFIGS, ids=str)
+@pytest.mark.parametrize("columns", [200, 250])  # 250 x 3 bits: rows that do not start on whole bytes
+def test_any_block_of_rows_dequantizes_like_the_whole_matrix(config, columns):
+    w = weight(40, columns)
+    tensors = config.quantize(w)
+    whole = config.dequantize(tensors, (40, columns))
+    for start, stop in ((0, 40), (0, 1), (7, 23), (39, 40)):
+        assert torch.equal(config.dequantize_rows(tensors, (40, columns), start, stop), whole[start:stop])
 
 
 @pytest.mark.parametrize("config, layout", CONFIGS, ids=str)
@@ -96,6 +126,32 @@ def test_kernel_layouts_hold_their_counted_bytes_and_survive_files(config, tmp_p
     restored = load_quantized(fresh, path)
     assert restored[0].layout == model[0].layout
     assert torch.equal(restored(x), before)
+
+
+def test_blocked_matmul_never_holds_the_float_weight(monkeypatch):
+    import tokenizers_q.weights.modules as modules
+
+    monkeypatch.setattr(modules, "BLOCK_WEIGHTS", 256 * 16)  # 16 rows a block
+    config = NF4Config(64)
+    layer = QuantizedLinear((100, 256), config, config.quantize(weight(100, 256)))
+    x = torch.randn(2, 256)
+    expected = x @ config.dequantize({n: getattr(layer, n) for n in layer.stored}, (100, 256)).T
+    blocks = []
+    original = config.dequantize_rows
+    monkeypatch.setattr(type(config), "dequantize_rows", lambda self, *a: blocks.append(a[2:]) or original(*a))
+    assert relative(layer(x), expected) < 1e-5
+    assert blocks == [(i, min(100, i + 16)) for i in range(0, 100, 16)] and layer._cached is None
+
+
+@pytest.mark.parametrize(
+    "config", [NF4Config(64), IntGridConfig(8, "channel"), pytest.param(IntGridConfig(4), marks=needs_int4)], ids=str
+)
+def test_gradients_reach_the_input_through_every_path(config):
+    layer = QuantizedLinear((64, 256), config, config.quantize(weight()))
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).sum().backward()
+    expected = layer.dequantized().sum(0).expand(3, -1)
+    assert relative(x.grad, expected) < (1e-5 if layer.layout is None else 1e-2)
 
 
 def test_layouts_are_chosen_only_where_the_kernels_apply():

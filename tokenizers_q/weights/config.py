@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -48,6 +49,12 @@ class WeightQuantConfig:
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """The float32 weight (out, in) of stored tensors."""
+        return self.dequantize_rows(tensors, shape, 0, shape[0])
+
+    def dequantize_rows(
+        self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], start: int, stop: int
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of the float32 weight, reading only their codes (what a blocked matmul needs)."""
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -88,3 +95,15 @@ def unpack_levels(
 ) -> torch.Tensor:
     """Inverse of :func:`pack_levels`: levels of ``shape`` in ``dtype``, on the packed bytes' device."""
     return unpack_codes(packed, TokenSpec((2**bits,)), (*shape, 1), dtype).reshape(shape)
+
+
+def unpack_rows(
+    packed: torch.Tensor, bits: int, shape: tuple[int, ...], start: int, stop: int, dtype: torch.dtype = torch.uint8
+) -> torch.Tensor:
+    """Levels of rows ``start:stop`` of a :func:`pack_levels` tensor of ``shape`` (rows first), unpacking only
+    their bytes when rows start on whole bytes."""
+    per_row = math.prod(shape[1:])
+    if per_row * bits % 8:
+        return unpack_levels(packed, bits, shape, dtype)[start:stop]
+    row_bytes = per_row * bits // 8
+    return unpack_levels(packed[start * row_bytes : stop * row_bytes], bits, (stop - start, *shape[1:]), dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizers_q.grids import GridCodes, dequantize_grid, quantize_grid
+from tokenizers_q.grids import GridCodes, quantize_grid
 from tokenizers_q.packing import code_dtype
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
@@ -15,6 +15,7 @@ from tokenizers_q.weights.config import (
     pack_levels,
     register_weight_config,
     unpack_levels,
+    unpack_rows,
 )
 from tokenizers_q.weights.gptq import gptq
 from tokenizers_q.weights.kernels import layout_of, layout_weight
@@ -123,12 +124,24 @@ class IntGridConfig(WeightQuantConfig):
         """The grid levels (out, in) of codes-layout ``tensors``."""
         return unpack_levels(tensors["codes"], self.bits, shape, code_dtype(self.bits))
 
-    def dequantize(self, tensors, shape):
+    def dequantize_rows(self, tensors, shape, start, stop):
         layout = layout_of(tensors)
         if layout is not None:
-            return layout_weight(layout, tensors, tuple(shape))
-        rows = (1, shape[0] * shape[1]) if self.granularity == "tensor" else tuple(shape)
-        group = rows[1] if self.granularity != "group" else self.group_size
-        levels = self.levels(tensors, tuple(shape)).reshape(rows)
-        codes = GridCodes(levels, tensors["scale"], tensors.get("offset"), self.bits, 1, group)
-        return dequantize_grid(codes).reshape(shape)
+            return layout_weight(layout, tensors, tuple(shape))[start:stop]
+        if self.granularity == "tensor":
+            levels = unpack_levels(tensors["codes"], self.bits, tuple(shape), code_dtype(self.bits))[start:stop]
+            scale, offset = tensors["scale"].reshape(1, 1, 1), tensors.get("offset")
+            offset = None if offset is None else offset.reshape(1, 1, 1)
+            group = shape[1]
+        else:
+            levels = unpack_rows(tensors["codes"], self.bits, tuple(shape), start, stop, code_dtype(self.bits))
+            scale = tensors["scale"][start:stop, :, None]
+            offset = tensors.get("offset")
+            offset = None if offset is None else offset[start:stop, :, None]
+            group = shape[1] // scale.shape[1]
+        values = levels.reshape(stop - start, -1, group).float()
+        if offset is None:
+            values.sub_(2 ** (self.bits - 1) - 1).mul_(scale)
+        else:
+            values.mul_(scale).add_(offset)
+        return values.reshape(stop - start, shape[1])

@@ -9,6 +9,8 @@ from torch import nn
 from tokenizers_q.weights.config import WeightQuantConfig
 from tokenizers_q.weights.kernels import kernel_layout, layout_linear, layout_of, to_layout
 
+BLOCK_WEIGHTS = 2**18  # weights dequantized at a time by the blocked matmul (1 MiB of float32; measured best)
+
 
 class QuantizedWeight(nn.Module):
     r"""Base: the stored tensors of one weight matrix as buffers, and their dequantization.
@@ -74,12 +76,32 @@ class QuantizedLinear(QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.layout is not None and not self.cache_weight and x.device.type == "cpu":  # the kernels are CPU ones
+        differentiable = torch.is_grad_enabled() and x.requires_grad  # the packed kernels have no backward
+        if self.layout is not None and not self.cache_weight and x.device.type == "cpu" and not differentiable:
             tensors = {n: getattr(self, n) for n in self.stored}
             out = layout_linear(self.layout, x, tensors)
             return out if bias is None else out + bias
-        weight = self.dequantized().to(x.device, x.dtype)
-        return F.linear(x, weight, bias)
+        if self._cached is not None or self.cache_weight or self.layout is not None:
+            return F.linear(x, self.dequantized().to(x.device, x.dtype), bias)
+        return self._blocked_linear(x, bias)
+
+    def _blocked_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T`` a block of output rows at a time: each block is dequantized into a small buffer that stays
+        in cache (no float copy of the whole matrix is ever made) and multiplied at once."""
+        rows = x.reshape(-1, self.in_features)
+        tensors = {n: getattr(self, n) for n in self.stored}
+        step = max(8, BLOCK_WEIGHTS // self.in_features)
+        blocks = ((start, min(self.out_features, start + step)) for start in range(0, self.out_features, step))
+        if torch.is_grad_enabled() and x.requires_grad:  # gradients flow to x through ordinary products
+            parts = [self.config.dequantize_rows(tensors, self.shape, *b).to(x.dtype) @ rows.t() for b in blocks]
+            out = torch.cat(parts)
+        else:
+            out = torch.empty(self.out_features, rows.shape[0], dtype=x.dtype, device=x.device)
+            for start, stop in blocks:
+                block = self.config.dequantize_rows(tensors, self.shape, start, stop).to(x.dtype)
+                torch.mm(block, rows.t(), out=out[start:stop])
+        out = out.t().reshape(*x.shape[:-1], self.out_features)
+        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", layout={self.layout}" if self.layout else "")

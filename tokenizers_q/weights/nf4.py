@@ -11,7 +11,7 @@ from tokenizers_q.weights.config import (
     check_weight,
     pack_levels,
     register_weight_config,
-    unpack_levels,
+    unpack_rows,
 )
 
 #: the 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero
@@ -51,7 +51,9 @@ class NF4Config(WeightQuantConfig):
         levels = (normalised[..., None] - NF4_LEVELS.to(weight.device)).abs().argmin(-1)
         return {"codes": pack_levels(levels, 4), "scale": scale}
 
-    def dequantize(self, tensors, shape):
-        levels = unpack_levels(tensors["codes"], 4, (shape[0], shape[1] // self.block_size, self.block_size))
-        values = NF4_LEVELS.to(levels.device)[levels] * tensors["scale"].float()[..., None]
-        return values.reshape(shape)
+    def dequantize_rows(self, tensors, shape, start, stop):
+        blocks = (shape[0], shape[1] // self.block_size, self.block_size)
+        levels = unpack_rows(tensors["codes"], 4, blocks, start, stop)
+        values = torch.index_select(NF4_LEVELS.to(levels.device), 0, levels.reshape(-1).int())
+        values = values.view(stop - start, blocks[1], self.block_size).mul_(tensors["scale"][start:stop, :, None])
+        return values.reshape(stop - start, shape[1])

@@ -13,7 +13,7 @@ from tokenizers_q.weights.config import (
     check_weight,
     pack_levels,
     register_weight_config,
-    unpack_levels,
+    unpack_rows,
 )
 from tokenizers_q.weights.gptq import gptq
 
@@ -77,6 +77,9 @@ class KMeansConfig(WeightQuantConfig):
             levels = (weight[..., None] - levels_of[:, None, :]).abs().argmin(-1)
         return {"codes": pack_levels(levels, self.bits), "table": table}
 
-    def dequantize(self, tensors, shape):
-        levels = unpack_levels(tensors["codes"], self.bits, tuple(shape))
-        return tensors["table"].float().gather(1, levels)
+    def dequantize_rows(self, tensors, shape, start, stop):
+        levels = unpack_rows(tensors["codes"], self.bits, tuple(shape), start, stop)
+        table = tensors["table"][start:stop].float()  # (rows, 2^bits): each row's own levels
+        rows = torch.arange(stop - start, dtype=torch.int32, device=levels.device)
+        index = levels.int() + (rows << self.bits)[:, None]
+        return torch.index_select(table.reshape(-1), 0, index.reshape(-1)).reshape(stop - start, shape[1])

@@ -11,7 +11,7 @@ from tokenizers_q.weights.config import (
     check_weight,
     pack_levels,
     register_weight_config,
-    unpack_levels,
+    unpack_rows,
 )
 
 
@@ -39,7 +39,7 @@ class TernaryConfig(WeightQuantConfig):
         levels = (torch.round(weight / per_row).clamp(-1, 1) + 1).to(torch.uint8)
         return {"codes": pack_levels(levels, 2), "scale": scale}
 
-    def dequantize(self, tensors, shape):
-        levels = unpack_levels(tensors["codes"], 2, tuple(shape)).float() - 1
+    def dequantize_rows(self, tensors, shape, start, stop):
+        values = unpack_rows(tensors["codes"], 2, tuple(shape), start, stop).float().sub_(1)
         scale = tensors["scale"].float()
-        return levels * (scale[:, None] if self.granularity == "channel" else scale)
+        return values.mul_(scale[start:stop, None] if self.granularity == "channel" else scale)

@@ -15,7 +15,7 @@ from tokenizers_q.weights.config import (
     check_weight,
     pack_levels,
     register_weight_config,
-    unpack_levels,
+    unpack_rows,
 )
 
 
@@ -109,10 +109,15 @@ class VectorCodebookConfig(WeightQuantConfig):
                 optimizer.step()
         return books.detach(), scale.detach()
 
-    def dequantize(self, tensors, shape):
-        groups = shape[0] * shape[1] // self.dim
-        codes = unpack_levels(tensors["codes"], self.code_bits, (groups, self.num_codebooks))
-        return _assemble(tensors["codebooks"].float(), codes, tensors["scale"].float(), shape)
+    def dequantize_rows(self, tensors, shape, start, stop):
+        per_row = shape[1] // self.dim
+        codes = unpack_rows(tensors["codes"], self.code_bits, (shape[0], per_row, self.num_codebooks), start, stop)
+        codes = codes.reshape(-1, self.num_codebooks).int()
+        books = tensors["codebooks"].float()
+        vectors = torch.index_select(books[0], 0, codes[:, 0])
+        for m in range(1, self.num_codebooks):
+            vectors += torch.index_select(books[m], 0, codes[:, m])
+        return vectors.reshape(stop - start, shape[1]).mul_(tensors["scale"][start:stop, None])
 
 
 def _assemble(books: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
