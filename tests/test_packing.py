@@ -10,9 +10,16 @@ from tokenizers_q.files import write_artifact
 from tokenizers_q.packing import code_dtype
 
 
+def reference_pack(codes: torch.Tensor, spec: TokenSpec) -> torch.Tensor:
+    """The layout by definition: every code's bits, least significant first, token after token."""
+    stream = [(int(code) >> i) & 1 for row in codes.tolist() for code, b in zip(row, spec.bits) for i in range(b)]
+    stream += [0] * (-len(stream) % 8)
+    return torch.tensor([sum(bit << i for i, bit in enumerate(stream[j : j + 8])) for j in range(0, len(stream), 8)])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
-    sizes=st.lists(st.integers(2, 2**16), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(2, 2**20), min_size=1, max_size=4),
     rows=st.integers(0, 300),
     seed=st.integers(0, 2**16),
 )
@@ -22,28 +29,7 @@ def test_pack_round_trip_at_exact_width(sizes, rows, seed):
     codes = torch.stack([torch.randint(0, s, (rows,), generator=g) for s in sizes], dim=-1)
     packed = pack_codes(codes, spec)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-rows * spec.bits_per_token // 8)
-    assert torch.equal(unpack_codes(packed, spec, tuple(codes.shape)), codes)
-
-
-def reference_pack(codes: torch.Tensor, spec: TokenSpec) -> torch.Tensor:
-    """The layout by definition: every code's bits, least significant first, token after token."""
-    stream = [(int(code) >> i) & 1 for row in codes.tolist() for code, b in zip(row, spec.bits) for i in range(b)]
-    stream += [0] * (-len(stream) % 8)
-    return torch.tensor([sum(bit << i for i, bit in enumerate(stream[j : j + 8])) for j in range(0, len(stream), 8)])
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    sizes=st.lists(st.integers(2, 2**20), min_size=1, max_size=3),
-    rows=st.integers(0, 40),
-    seed=st.integers(0, 2**16),
-)
-def test_packed_bytes_are_the_bit_stream_and_codes_come_back_narrow(sizes, rows, seed):
-    spec = TokenSpec(tuple(sizes))
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.stack([torch.randint(0, s, (rows,), generator=g) for s in sizes], dim=-1)
-    packed = pack_codes(codes, spec)
-    assert torch.equal(packed, reference_pack(codes, spec).to(torch.uint8))
+    assert torch.equal(packed, reference_pack(codes, spec).to(torch.uint8))  # the bit stream, by definition
     unpacked = unpack_codes(packed, spec, tuple(codes.shape))
     assert unpacked.dtype == code_dtype(max(spec.bits)) and torch.equal(unpacked.long(), codes)
     assert unpack_codes(packed, spec, tuple(codes.shape), torch.long).dtype == torch.long
