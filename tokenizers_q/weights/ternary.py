@@ -9,9 +9,9 @@ import torch
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
+    lookup_rows,
     pack_levels,
     register_weight_config,
-    unpack_rows,
 )
 
 
@@ -40,6 +40,7 @@ class TernaryConfig(WeightQuantConfig):
         return {"codes": pack_levels(levels, 2), "scale": scale}
 
     def dequantize_rows(self, tensors, shape, start, stop):
-        values = unpack_rows(tensors["codes"], 2, tuple(shape), start, stop).float().sub_(1)
+        signs = torch.tensor([-1.0, 0.0, 1.0, 2.0], device=tensors["codes"].device)  # level 3 is never stored
+        values = lookup_rows(tensors["codes"], 2, tuple(shape), start, stop, signs)
         scale = tensors["scale"].float()
         return values.mul_(scale[start:stop, None] if self.granularity == "channel" else scale)
