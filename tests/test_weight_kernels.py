@@ -128,6 +128,15 @@ def test_kernel_layouts_hold_their_counted_bytes_and_survive_files(config, tmp_p
     assert torch.equal(restored(x), before)
 
 
+@pytest.mark.parametrize("config, layout", CONFIGS, ids=str)
+def test_every_method_holds_only_its_counted_bytes_after_forwards(config, layout):
+    layer = QuantizedLinear((64, 256), config, config.quantize(weight()), bias=torch.zeros(64))
+    for batch in (1, 9):
+        layer(torch.randn(batch, 256))
+    counted = layer.bits_per_weight() * 64 * 256 / 8
+    assert held_bytes(layer) <= 1.05 * counted + 64 * 4 and layer._cached is None
+
+
 def test_blocked_matmul_never_holds_the_float_weight(monkeypatch):
     import tokenizers_q.weights.modules as modules
 
