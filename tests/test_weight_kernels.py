@@ -174,3 +174,27 @@ def test_layouts_are_chosen_only_where_the_kernels_apply():
     # the user who asks to cache the float weight keeps the codes layout
     config = IntGridConfig(8, granularity="channel")
     assert QuantizedLinear((64, 256), config, config.quantize(weight()), cache_weight=True).layout is None
+
+
+@pytest.mark.parametrize("config", [*ROW_CONFIGS, IntGridConfig(4, group_size=50)], ids=str)
+@pytest.mark.parametrize("columns", [200, 250])  # 250: some methods' rows do not start on whole bytes
+def test_embeddings_dequantize_only_the_rows_they_look_up(config, columns, monkeypatch):
+    from tokenizers_q.weights.modules import QuantizedEmbedding
+
+    table = weight(300, columns)
+    layer = QuantizedEmbedding((300, columns), config, config.quantize(table))
+    ids = torch.tensor([[5, 299, 5], [0, 17, 5]])
+    expected = torch.nn.functional.embedding(ids, layer.dequantized())
+    shapes = []
+    original = type(config).dequantize
+
+    def recorded(self, t, shape):
+        shapes.append(shape)
+        return original(self, t, shape)
+
+    monkeypatch.setattr(type(config), "dequantize", recorded)
+    assert torch.equal(layer(ids), expected)
+    aligned = config.row_code_bits(columns) % 8 == 0  # then only the 4 distinct ids are dequantized
+    assert shapes == ([(4, columns)] if aligned else [(300, columns)])
+    with pytest.raises(IndexError, match="embedding id 300 is out of range for 300 rows"):
+        layer(torch.tensor([1, 300]))

@@ -57,6 +57,30 @@ class WeightQuantConfig:
         """Rows ``start:stop`` of the float32 weight, reading only their codes (what a blocked matmul needs)."""
         raise NotImplementedError
 
+    def row_tensors(self) -> tuple[str, ...]:
+        """Names of the stored tensors holding one entry per weight row (scales, offsets, tables), besides the
+        codes; the others (shared codebooks, a whole-tensor scale) serve every row."""
+        return ()
+
+    def row_code_bits(self, columns: int) -> int:
+        """Bits of ``codes`` one weight row of ``columns`` weights takes."""
+        return columns * self.bits
+
+    def gather_rows(
+        self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], rows: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of just ``rows`` (int64 row indices), as those of a ``(len(rows), shape[1])``
+        weight; None when rows do not start on whole bytes."""
+        row_bytes = self.row_code_bits(shape[1])
+        if row_bytes % 8 or "codes" not in tensors:
+            return None
+        row_bytes //= 8
+        index = (rows[:, None] * row_bytes + torch.arange(row_bytes, device=rows.device)).reshape(-1)
+        selected = {name: t for name, t in tensors.items() if name not in self.row_tensors()}
+        selected.update({name: tensors[name][rows] for name in self.row_tensors() if name in tensors})
+        selected["codes"] = tensors["codes"][index]
+        return selected
+
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 

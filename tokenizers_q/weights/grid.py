@@ -120,6 +120,9 @@ class IntGridConfig(WeightQuantConfig):
             tensors["offset"] = codes.offset
         return tensors
 
+    def row_tensors(self):
+        return () if self.granularity == "tensor" else ("scale", "offset")
+
     def levels(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """The grid levels (out, in) of codes-layout ``tensors``."""
         return unpack_levels(tensors["codes"], self.bits, shape, code_dtype(self.bits))

@@ -120,4 +120,16 @@ class QuantizedEmbedding(QuantizedWeight):
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.dequantized(), self.padding_idx)
+        """Only the rows ``ids`` name are dequantized (a decode step reads one row, not the whole table)."""
+        if self._cached is not None or self.cache_weight:
+            return F.embedding(ids, self.dequantized(), self.padding_idx)
+        rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        if rows.numel() and (rows[0] < 0 or rows[-1] >= self.num_embeddings):
+            bad = int(rows[0] if rows[0] < 0 else rows[-1])
+            raise IndexError(f"embedding id {bad} is out of range for {self.num_embeddings} rows")
+        tensors = {n: getattr(self, n) for n in self.stored}
+        selected = self.config.gather_rows(tensors, self.shape, rows)
+        if selected is None:  # rows that do not start on whole bytes
+            return F.embedding(ids, self.dequantized(), self.padding_idx)
+        vectors = self.config.dequantize(selected, (rows.numel(), self.embedding_dim))
+        return F.embedding(inverse.reshape(ids.shape), vectors)

@@ -51,6 +51,12 @@ class NF4Config(WeightQuantConfig):
         levels = (normalised[..., None] - NF4_LEVELS.to(weight.device)).abs().argmin(-1)
         return {"codes": pack_levels(levels, 4), "scale": scale}
 
+    def row_code_bits(self, columns):
+        return 4 * columns
+
+    def row_tensors(self):
+        return ("scale",)
+
     def dequantize_rows(self, tensors, shape, start, stop):
         blocks = (shape[0], shape[1] // self.block_size, self.block_size)
         values = lookup_rows(tensors["codes"], 4, blocks, start, stop, NF4_LEVELS.to(tensors["codes"].device))

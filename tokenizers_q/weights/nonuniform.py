@@ -77,6 +77,9 @@ class KMeansConfig(WeightQuantConfig):
             levels = (weight[..., None] - levels_of[:, None, :]).abs().argmin(-1)
         return {"codes": pack_levels(levels, self.bits), "table": table}
 
+    def row_tensors(self):
+        return ("table",)
+
     def dequantize_rows(self, tensors, shape, start, stop):
         levels = unpack_rows(tensors["codes"], self.bits, tuple(shape), start, stop)
         table = tensors["table"][start:stop].float()  # (rows, 2^bits): each row's own levels

@@ -39,6 +39,12 @@ class TernaryConfig(WeightQuantConfig):
         levels = (torch.round(weight / per_row).clamp(-1, 1) + 1).to(torch.uint8)
         return {"codes": pack_levels(levels, 2), "scale": scale}
 
+    def row_code_bits(self, columns):
+        return 2 * columns
+
+    def row_tensors(self):
+        return ("scale",) if self.granularity == "channel" else ()
+
     def dequantize_rows(self, tensors, shape, start, stop):
         signs = torch.tensor([-1.0, 0.0, 1.0, 2.0], device=tensors["codes"].device)  # level 3 is never stored
         values = lookup_rows(tensors["codes"], 2, tuple(shape), start, stop, signs)

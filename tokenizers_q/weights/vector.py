@@ -109,6 +109,12 @@ class VectorCodebookConfig(WeightQuantConfig):
                 optimizer.step()
         return books.detach(), scale.detach()
 
+    def row_tensors(self):
+        return ("scale",)
+
+    def row_code_bits(self, columns):
+        return columns // self.dim * self.num_codebooks * self.code_bits
+
     def dequantize_rows(self, tensors, shape, start, stop):
         per_row = shape[1] // self.dim
         codes = unpack_rows(tensors["codes"], self.code_bits, (shape[0], per_row, self.num_codebooks), start, stop)
