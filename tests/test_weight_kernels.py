@@ -83,12 +83,13 @@ def test_each_layout_matches_dequantize_then_matmul(config, layout, dtype):
     # the kernel layout holds the same weights (int4: scales rounded to bfloat16)
     tolerance = 4e-3 if layout == "int4pack" else 0.0
     assert relative(layer.dequantized(), reference) <= tolerance
-    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expected = x.float() @ layer.dequantized().T + layer.bias
-    out = layer(x)
-    assert out.dtype == dtype and out.shape == (3, 5, 64)
-    # bfloat16 activations inside the kernels, or in the input itself
-    assert relative(out, expected) < (1e-5 if layout is None and dtype == torch.float32 else 1e-2)
+    for lead in ((3, 5), (70,)):  # few rows and many (int8: the kernel, then blocked bfloat16 products)
+        x = torch.randn(*lead, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+        expected = x.float() @ layer.dequantized().T + layer.bias
+        out = layer(x)
+        assert out.dtype == dtype and out.shape == (*lead, 64)
+        # bfloat16 activations inside the kernels, or in the input itself
+        assert relative(out, expected) < (1e-5 if layout is None and dtype == torch.float32 else 1e-2)
 
 
 @needs_int4
