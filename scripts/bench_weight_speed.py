@@ -202,7 +202,8 @@ def model_rows(kind: str, methods: list[str], repeats: int, with_anchors: bool) 
             except Exception as err:
                 print(f"| torchao {ao} weight-only | does not run here: {err} | | | | | |")
         try:
-            line("bitsandbytes NF4 (fp32 activations)", *bnb_model(build))
+            model, bits = bnb_model(build)
+            line("bitsandbytes NF4 (fp32 activations)", bits, model)
         except ImportError:
             print("| bitsandbytes NF4 | not installed | | | | | |")
 
