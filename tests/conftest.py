@@ -70,3 +70,11 @@ def other_vq(image_folder, tmp_path_factory):
     config = cli_config(image_folder, VQ_CONFIG, out)
     tokq(["fit", "--config", str(config), "--seed_everything", "1", "--trainer.max_steps", "1"])
     return out / "run" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(params=["token_file", "quantized_model", "embedding_codec", "exported_module"])
+def kind(request):
+    """Each artifact kind of tests/artifact_kinds.py (the file tests run over all of them)."""
+    from artifact_kinds import kind_named
+
+    return kind_named(request.param)

@@ -126,6 +126,7 @@ def write_artifact(
     stored: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     seen: dict[tuple, str] = {}
+    storages: set[int] = set()
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"artifact tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -136,9 +137,11 @@ def write_artifact(
             entries[name] = {"alias": seen[key]}
             continue
         seen[key] = name
-        stored[name] = (
-            tensor.cpu().contiguous().clone() if _shares_storage(tensor, stored) else tensor.cpu().contiguous()
-        )
+        data = tensor.cpu().contiguous()
+        if data.untyped_storage().data_ptr() in storages:  # a view of a tensor already stored: safetensors refuses it
+            data = data.clone()
+        storages.add(data.untyped_storage().data_ptr())
+        stored[name] = data
         entries[name] = {
             "dtype": _dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
@@ -151,12 +154,6 @@ def write_artifact(
         raise TypeError(f"the config of a {format} artifact must be JSON-serialisable: {err}") from None
     metadata = {HEADER_KEY: text, HEADER_CHECKSUM_KEY: text_checksum(text)}
     return atomic_write(path, lambda tmp: save_file(stored, tmp, metadata=metadata))
-
-
-def _shares_storage(tensor: torch.Tensor, stored: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``tensor`` overlaps the memory of one already stored (a view of another; safetensors refuses it)."""
-    ptr = tensor.untyped_storage().data_ptr()
-    return any(t.untyped_storage().data_ptr() == ptr for t in stored.values())
 
 
 def read_artifact(path: str | os.PathLike, format: str, versions: int | Collection[int]) -> Artifact:
