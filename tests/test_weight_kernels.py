@@ -146,11 +146,11 @@ def test_blocked_matmul_never_holds_the_float_weight(monkeypatch):
     layer = QuantizedLinear((100, 256), config, config.quantize(weight(100, 256)))
     x = torch.randn(2, 256)
     expected = x @ config.dequantize({n: getattr(layer, n) for n in layer.stored}, (100, 256)).T
-    blocks = []
-    original = config.dequantize_rows
-    monkeypatch.setattr(type(config), "dequantize_rows", lambda self, *a: blocks.append(a[2:]) or original(*a))
+    shapes = []
+    original = config.dequantize
+    monkeypatch.setattr(type(config), "dequantize", lambda self, t, shape: shapes.append(shape) or original(t, shape))
     assert relative(layer(x), expected) < 1e-5
-    assert blocks == [(i, min(100, i + 16)) for i in range(0, 100, 16)] and layer._cached is None
+    assert shapes == [(min(100, i + 16) - i, 256) for i in range(0, 100, 16)] and layer._cached is None
 
 
 @pytest.mark.parametrize(
@@ -199,3 +199,62 @@ def test_embeddings_dequantize_only_the_rows_they_look_up(config, columns, monke
     assert shapes == ([(4, columns)] if aligned else [(300, columns)])
     with pytest.raises(IndexError, match="embedding id 300 is out of range for 300 rows"):
         layer(torch.tensor([1, 300]))
+
+
+COMPILED_CONFIGS = [
+    NF4Config(64),
+    IntGridConfig(3, group_size=128, symmetric=False),
+    IntGridConfig(2, granularity="tensor"),
+    KMeansConfig(3, num_iters=3),
+    TernaryConfig("channel"),
+    VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, num_iters=3),
+]
+
+
+@pytest.mark.parametrize("config", COMPILED_CONFIGS, ids=str)
+def test_compiled_dequantization_matches_eager(config, monkeypatch):
+    import tokenizers_q.weights.modules as modules
+
+    monkeypatch.setattr(modules, "BLOCK_WEIGHTS", 256 * 24)  # 24-row blocks, a shorter last one
+    layer = QuantizedLinear((64, 256), config, config.quantize(weight()))
+    inputs = {1: torch.randn(1, 256), 5: torch.randn(5, 256)}
+    eager = {rows: layer(x) for rows, x in inputs.items()}
+    calls = []
+    real = modules._Compiled.__call__
+    monkeypatch.setattr(modules._Compiled, "__call__", lambda self, f, *a: calls.append(f) or real(self, f, *a))
+    layer.compile_dequantize = True
+    for rows, x in inputs.items():
+        assert relative(layer(x), eager[rows]) < 1e-5, rows
+    assert calls == [modules._vector_product] + [modules._dequantized] * 3  # one row fused; 3 blocks of rows
+    assert modules._COMPILED.failed is None
+
+
+def test_compiled_dequantization_in_bfloat16_and_at_unaligned_widths():
+    config = IntGridConfig(3, group_size=50)  # 250 x 3 bits: rows that do not start on whole bytes
+    layer = QuantizedLinear((40, 250), config, config.quantize(weight(40, 250)))
+    reference = layer.dequantized()
+    layer.compile_dequantize = True
+    for x in (torch.randn(1, 250), torch.randn(3, 250)):
+        assert relative(layer(x), x @ reference.T) < 1e-5
+        assert relative(layer(x.bfloat16()), x @ reference.T) < 1e-2 and layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_a_failed_compile_warns_and_runs_eager(monkeypatch):
+    import tokenizers_q.weights.modules as modules
+
+    def no_compiler(function, **options):
+        def fails(*args):
+            raise OSError("no C++ compiler found")
+
+        return fails
+
+    monkeypatch.setattr(modules, "_COMPILED", modules._Compiled())
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    config = NF4Config(64)
+    layer = QuantizedLinear((64, 256), config, config.quantize(weight()))
+    layer.compile_dequantize = True
+    x = torch.randn(1, 256)
+    with pytest.warns(UserWarning, match="torch.compile of quantized matmuls failed.*no C\\+\\+ compiler found"):
+        out = layer(x)
+    assert relative(out, x @ layer.dequantized().T) < 1e-5
+    assert "no C++ compiler" in modules._COMPILED.failed and relative(layer(x), out) == 0  # no second try

@@ -15,7 +15,6 @@ from tokenizers_q.weights.config import (
     pack_levels,
     register_weight_config,
     unpack_levels,
-    unpack_rows,
 )
 from tokenizers_q.weights.gptq import gptq
 from tokenizers_q.weights.kernels import layout_of, layout_weight
@@ -127,24 +126,15 @@ class IntGridConfig(WeightQuantConfig):
         """The grid levels (out, in) of codes-layout ``tensors``."""
         return unpack_levels(tensors["codes"], self.bits, shape, code_dtype(self.bits))
 
-    def dequantize_rows(self, tensors, shape, start, stop):
+    def dequantize(self, tensors, shape):
         layout = layout_of(tensors)
         if layout is not None:
-            return layout_weight(layout, tensors, tuple(shape))[start:stop]
-        if self.granularity == "tensor":
-            levels = unpack_levels(tensors["codes"], self.bits, tuple(shape), code_dtype(self.bits))[start:stop]
-            scale, offset = tensors["scale"].reshape(1, 1, 1), tensors.get("offset")
-            offset = None if offset is None else offset.reshape(1, 1, 1)
-            group = shape[1]
-        else:
-            levels = unpack_rows(tensors["codes"], self.bits, tuple(shape), start, stop, code_dtype(self.bits))
-            scale = tensors["scale"][start:stop, :, None]
-            offset = tensors.get("offset")
-            offset = None if offset is None else offset[start:stop, :, None]
-            group = shape[1] // scale.shape[1]
-        values = levels.reshape(stop - start, -1, group).float()
+            return layout_weight(layout, tensors, tuple(shape))
+        levels = unpack_levels(tensors["codes"], self.bits, tuple(shape), torch.float32)
+        scale, offset = tensors["scale"], tensors.get("offset")  # (rows or 1 for the tensor, groups)
+        values = levels.reshape(shape[0], scale.shape[1], -1)
         if offset is None:
-            values.sub_(2 ** (self.bits - 1) - 1).mul_(scale)
+            values = (values - (2 ** (self.bits - 1) - 1)) * scale[:, :, None]
         else:
-            values.mul_(scale).add_(offset)
-        return values.reshape(stop - start, shape[1])
+            values = values * scale[:, :, None] + offset[:, :, None]
+        return values.reshape(shape)

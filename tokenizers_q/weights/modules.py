@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,48 @@ from tokenizers_q.weights.config import WeightQuantConfig
 from tokenizers_q.weights.kernels import kernel_layout, layout_linear, layout_of, to_layout
 
 BLOCK_WEIGHTS = 2**18  # weights dequantized at a time by the blocked matmul (1 MiB of float32; measured best)
+
+
+def _dequantized(config: WeightQuantConfig, tensors: dict, shape: tuple[int, int], dtype: torch.dtype):
+    """The weight of ``tensors`` in ``dtype``: unpacking, lookups, scaling and the cast in one fused loop."""
+    return config.dequantize(tensors, shape).to(dtype)
+
+
+def _vector_product(config: WeightQuantConfig, tensors: dict, shape: tuple[int, int], x: torch.Tensor):
+    """``W x`` for one input row ``x`` (1, in), as a sum the compiler fuses with the dequantization: no weight
+    is written out, each code is read once."""
+    return (config.dequantize(tensors, shape).to(x.dtype) * x).sum(-1)
+
+
+class _Compiled:
+    """``torch.compile`` of the dequantizing paths, made on first use, one graph per method and shape (dynamic
+    shapes ran 3-bit grids 10x slower); if compiling fails (no C++ compiler, an unsupported device) a warning
+    says why and the eager paths run from then on."""
+
+    #: graphs kept per path: every method and layer shape of a model (dynamo's default is 8)
+    RECOMPILE_LIMIT = 256
+
+    def __init__(self):
+        self.failed: str | None = None
+        self.functions: dict = {}
+
+    def __call__(self, function, *args):
+        if self.failed is not None:
+            return None
+        if function not in self.functions:
+            self.functions[function] = torch.compile(function, dynamic=False)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                return self.functions[function](*args)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, OSError) as err:
+            self.failed = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"torch.compile of quantized matmuls failed; eager dequantization from now on: {err}", stacklevel=3
+            )
+            return None
+
+
+_COMPILED = _Compiled()
 
 
 class QuantizedWeight(nn.Module):
@@ -58,9 +102,16 @@ class QuantizedLinear(QuantizedWeight):
     """A quantized ``nn.Linear``: ``y = x W^T + b``, on torch's packed int4 / int8 kernels where the method
     allows (``layout``, see :mod:`tokenizers_q.weights.kernels`), else with ``W`` dequantized from its codes.
 
+    Dequantizing runs under ``torch.compile`` (:attr:`compile_dequantize`): a single input row is multiplied
+    by one fused loop over the codes, more rows by blocks of output rows dequantized by one fused loop each,
+    then multiplied. With gradients, or with compiling off or failed, eager blocks do the same.
+
     Shapes:
         - input: (*, in_features); output: (*, out_features)
     """
+
+    #: dequantize under ``torch.compile`` (set False on a layer, or on the class, to stay eager)
+    compile_dequantize: bool = True
 
     def __init__(self, shape, config, tensors, bias: torch.Tensor | None = None, cache_weight: bool = False):
         layout = layout_of(tensors)
@@ -83,25 +134,35 @@ class QuantizedLinear(QuantizedWeight):
             return out if bias is None else out + bias
         if self._cached is not None or self.cache_weight or self.layout is not None:
             return F.linear(x, self.dequantized().to(x.device, x.dtype), bias)
-        return self._blocked_linear(x, bias)
-
-    def _blocked_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x W^T`` a block of output rows at a time: each block is dequantized into a small buffer that stays
-        in cache (no float copy of the whole matrix is ever made) and multiplied at once."""
-        rows = x.reshape(-1, self.in_features)
-        tensors = {n: getattr(self, n) for n in self.stored}
-        step = max(8, BLOCK_WEIGHTS // self.in_features)
-        blocks = ((start, min(self.out_features, start + step)) for start in range(0, self.out_features, step))
-        if torch.is_grad_enabled() and x.requires_grad:  # gradients flow to x through ordinary products
-            parts = [self.config.dequantize_rows(tensors, self.shape, *b).to(x.dtype) @ rows.t() for b in blocks]
-            out = torch.cat(parts)
-        else:
-            out = torch.empty(self.out_features, rows.shape[0], dtype=x.dtype, device=x.device)
-            for start, stop in blocks:
-                block = self.config.dequantize_rows(tensors, self.shape, start, stop).to(x.dtype)
-                torch.mm(block, rows.t(), out=out[start:stop])
-        out = out.t().reshape(*x.shape[:-1], self.out_features)
+        out = self._blocked_linear(x.reshape(-1, self.in_features), differentiable)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         return out if bias is None else out + bias
+
+    def _blocked_linear(self, rows: torch.Tensor, differentiable: bool) -> torch.Tensor:
+        """``rows W^T`` a block of output rows at a time: each block is dequantized into a small buffer that stays
+        in cache (no float copy of the whole matrix is ever made) and multiplied at once."""
+        tensors = {n: getattr(self, n) for n in self.stored}
+        compiled = self.compile_dequantize and not differentiable
+        if compiled and rows.shape[0] == 1:
+            out = _COMPILED(_vector_product, self.config, tensors, self.shape, rows)
+            if out is not None:
+                return out[None]
+        aligned = self.config.select_rows(tensors, self.shape, slice(0, 1)) is not None
+        step = max(8, BLOCK_WEIGHTS // self.in_features) if aligned else self.out_features  # else one block
+        blocks = [(start, min(self.out_features, start + step)) for start in range(0, self.out_features, step)]
+
+        def block(start: int, stop: int) -> torch.Tensor:
+            part = self.config.select_rows(tensors, self.shape, slice(start, stop)) if aligned else tensors
+            shape = (stop - start, self.in_features)
+            weight = _COMPILED(_dequantized, self.config, part, shape, rows.dtype) if compiled else None
+            return self.config.dequantize(part, shape).to(rows.dtype) if weight is None else weight
+
+        if differentiable:  # gradients flow to the input through ordinary products
+            return torch.cat([block(*b) @ rows.t() for b in blocks]).t()
+        out = torch.empty(self.out_features, rows.shape[0], dtype=rows.dtype, device=rows.device)
+        for start, stop in blocks:
+            torch.mm(block(start, stop), rows.t(), out=out[start:stop])
+        return out.t()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", layout={self.layout}" if self.layout else "")
@@ -128,7 +189,7 @@ class QuantizedEmbedding(QuantizedWeight):
             bad = int(rows[0] if rows[0] < 0 else rows[-1])
             raise IndexError(f"embedding id {bad} is out of range for {self.num_embeddings} rows")
         tensors = {n: getattr(self, n) for n in self.stored}
-        selected = self.config.gather_rows(tensors, self.shape, rows)
+        selected = self.config.select_rows(tensors, self.shape, rows)
         if selected is None:  # rows that do not start on whole bytes
             return F.embedding(ids, self.dequantized(), self.padding_idx)
         vectors = self.config.dequantize(selected, (rows.numel(), self.embedding_dim))

@@ -9,7 +9,7 @@ import torch
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
-    lookup_rows,
+    lookup,
     pack_levels,
     register_weight_config,
 )
@@ -57,7 +57,7 @@ class NF4Config(WeightQuantConfig):
     def row_tensors(self):
         return ("scale",)
 
-    def dequantize_rows(self, tensors, shape, start, stop):
+    def dequantize(self, tensors, shape):
         blocks = (shape[0], shape[1] // self.block_size, self.block_size)
-        values = lookup_rows(tensors["codes"], 4, blocks, start, stop, NF4_LEVELS.to(tensors["codes"].device))
-        return values.mul_(tensors["scale"][start:stop, :, None]).reshape(stop - start, shape[1])
+        values = lookup(tensors["codes"], 4, blocks, NF4_LEVELS.to(tensors["codes"].device))
+        return (values * tensors["scale"][:, :, None]).reshape(shape)

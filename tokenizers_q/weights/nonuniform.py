@@ -11,9 +11,9 @@ from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_bits,
     check_weight,
+    lookup,
     pack_levels,
     register_weight_config,
-    unpack_rows,
 )
 from tokenizers_q.weights.gptq import gptq
 
@@ -80,9 +80,5 @@ class KMeansConfig(WeightQuantConfig):
     def row_tensors(self):
         return ("table",)
 
-    def dequantize_rows(self, tensors, shape, start, stop):
-        levels = unpack_rows(tensors["codes"], self.bits, tuple(shape), start, stop)
-        table = tensors["table"][start:stop].float()  # (rows, 2^bits): each row's own levels
-        rows = torch.arange(stop - start, dtype=torch.int32, device=levels.device)
-        index = levels.int() + (rows << self.bits)[:, None]
-        return torch.index_select(table.reshape(-1), 0, index.reshape(-1)).reshape(stop - start, shape[1])
+    def dequantize(self, tensors, shape):
+        return lookup(tensors["codes"], self.bits, tuple(shape), tensors["table"])  # each row its own levels

@@ -9,10 +9,13 @@ import torch
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
-    lookup_rows,
+    lookup,
     pack_levels,
     register_weight_config,
 )
+
+#: the value of each 2-bit level (level 3 is never stored)
+TERNARY_LEVELS = torch.tensor([-1.0, 0.0, 1.0, 2.0])
 
 
 @register_weight_config("ternary")
@@ -45,8 +48,7 @@ class TernaryConfig(WeightQuantConfig):
     def row_tensors(self):
         return ("scale",) if self.granularity == "channel" else ()
 
-    def dequantize_rows(self, tensors, shape, start, stop):
-        signs = torch.tensor([-1.0, 0.0, 1.0, 2.0], device=tensors["codes"].device)  # level 3 is never stored
-        values = lookup_rows(tensors["codes"], 2, tuple(shape), start, stop, signs)
+    def dequantize(self, tensors, shape):
+        values = lookup(tensors["codes"], 2, tuple(shape), TERNARY_LEVELS.to(tensors["codes"].device))
         scale = tensors["scale"].float()
-        return values.mul_(scale[start:stop, None] if self.granularity == "channel" else scale)
+        return values * (scale[:, None] if self.granularity == "channel" else scale)
