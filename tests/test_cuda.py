@@ -96,3 +96,23 @@ def test_token_models_sample_on_cuda(cls):
     spec.check_codes(codes)
     if cls is AutoregressiveTokenModule:
         assert torch.equal(codes, model.generate(4, labels, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("method", ["nf4", "int4", "kmeans"])
+def test_quantized_layers_run_on_cuda_as_dequantize_then_matmul(method, compiled):
+    from tokenizers_q.weights import IntGridConfig, KMeansConfig, NF4Config, quantize_
+    from tokenizers_q.weights.modules import QuantizedLinear
+
+    config = {"nf4": NF4Config(64), "int4": IntGridConfig(4), "kmeans": KMeansConfig(3, num_iters=3)}[method]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128)).eval().cuda()
+    quantize_(model, config, progress=False, verbose=False)  # quantized on the device, held there
+    layer = model[0]
+    assert isinstance(layer, QuantizedLinear) and all(b.device.type == "cuda" for b in layer.buffers())
+    layer.compile_dequantize = compiled
+    reference = layer.dequantized()
+    for rows in (1, 5):
+        x = torch.randn(rows, 256, device="cuda")
+        torch.testing.assert_close(model(x), x @ reference.T + layer.bias, rtol=1e-4, atol=1e-4)
+        assert model(x.bfloat16()).dtype == torch.bfloat16

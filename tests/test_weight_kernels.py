@@ -219,6 +219,8 @@ def test_compiled_dequantization_matches_eager(config, monkeypatch):
     layer = QuantizedLinear((64, 256), config, config.quantize(weight()))
     inputs = {1: torch.randn(1, 256), 5: torch.randn(5, 256)}
     eager = {rows: layer(x) for rows, x in inputs.items()}
+    tensors = {n: getattr(layer, n) for n in layer.stored}
+    assert relative(config.vector_product(tensors, (64, 256), inputs[1]), eager[1][0]) < 1e-5
     calls = []
     real = modules._Compiled.__call__
     monkeypatch.setattr(modules._Compiled, "__call__", lambda self, f, *a: calls.append(f) or real(self, f, *a))

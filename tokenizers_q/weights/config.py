@@ -52,6 +52,15 @@ class WeightQuantConfig:
         that ``torch.compile`` fuses (see :func:`unpack_levels` and :func:`lookup`)."""
         raise NotImplementedError
 
+    def vector_product(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        """``W x`` for one input row ``x`` (1, in), in ``x``'s dtype: a sum that ``torch.compile`` fuses with the
+        dequantization, so no weight is written out and each code is read once.
+
+        Shapes:
+            - x: (1, in); output: (out,)
+        """
+        return (self.dequantize(tensors, shape).to(x.dtype) * x).sum(-1)
+
     def dequantize_rows(
         self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], start: int, stop: int
     ) -> torch.Tensor:

@@ -20,9 +20,8 @@ def _dequantized(config: WeightQuantConfig, tensors: dict, shape: tuple[int, int
 
 
 def _vector_product(config: WeightQuantConfig, tensors: dict, shape: tuple[int, int], x: torch.Tensor):
-    """``W x`` for one input row ``x`` (1, in), as a sum the compiler fuses with the dequantization: no weight
-    is written out, each code is read once."""
-    return (config.dequantize(tensors, shape).to(x.dtype) * x).sum(-1)
+    """``W x`` for one input row, fused with the dequantization (:meth:`WeightQuantConfig.vector_product`)."""
+    return config.vector_product(tensors, shape, x)
 
 
 class _Compiled:
@@ -30,7 +29,8 @@ class _Compiled:
     shapes ran 3-bit grids 10x slower); if compiling fails (no C++ compiler, an unsupported device) a warning
     says why and the eager paths run from then on."""
 
-    #: graphs kept per path: every method and layer shape of a model (dynamo's default is 8)
+    #: graphs a compiled function may keep: every method and layer shape of a model. Raised (never lowered) in
+    #: ``torch._dynamo.config`` on first use: dynamo's default, 8, would leave the others eager.
     RECOMPILE_LIMIT = 256
 
     def __init__(self):
@@ -41,10 +41,11 @@ class _Compiled:
         if self.failed is not None:
             return None
         if function not in self.functions:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, self.RECOMPILE_LIMIT)
             self.functions[function] = torch.compile(function, dynamic=False)
         try:
-            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-                return self.functions[function](*args)
+            return self.functions[function](*args)
         except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, OSError) as err:
             self.failed = f"{type(err).__name__}: {err}"
             warnings.warn(

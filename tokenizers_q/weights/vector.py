@@ -115,6 +115,19 @@ class VectorCodebookConfig(WeightQuantConfig):
     def row_code_bits(self, columns):
         return columns // self.dim * self.num_codebooks * self.code_bits
 
+    def vector_product(self, tensors, shape, x):
+        """Products of the input's groups with every codebook entry first (a table of ``in / dim`` x
+        ``codebook_size`` per codebook), then a gather-sum of that table over each row's codes: a
+        ``dim``-th of the reads of dequantizing (2x faster compiled, at one input row)."""
+        groups = shape[1] // self.dim
+        codes = unpack_levels(tensors["codes"], self.code_bits, (shape[0], groups, self.num_codebooks), torch.long)
+        books = tensors["codebooks"].float()  # (M, K, dim)
+        table = torch.einsum("gd,mkd->mgk", x.float().reshape(groups, self.dim), books).reshape(-1)
+        column = torch.arange(groups, device=x.device)[:, None] * self.codebook_size
+        book = torch.arange(self.num_codebooks, device=x.device) * groups * self.codebook_size
+        out = table[codes + column + book].sum((-1, -2)) * tensors["scale"].float()
+        return out.to(x.dtype)
+
     def dequantize(self, tensors, shape):
         codes_shape = (shape[0], shape[1] // self.dim, self.num_codebooks)
         codes = unpack_levels(tensors["codes"], self.code_bits, codes_shape, torch.int32)
