@@ -45,7 +45,7 @@ def test_kivi_error_shrinks_with_bits_and_the_window_is_exact(bits, tolerance):
     (keys, values), all_keys, all_values = feed(cache, 30)
     assert keys.shape == all_keys.shape == (1, 2, 70, 64)
     window = cache.window_keys.shape[2]
-    assert 16 <= window < 32 and len(cache.key_groups) == (70 - window) // 16
+    assert 16 <= window < 32 and cache.quantized_tokens == 70 - window and cache.quantized_tokens % 16 == 0
     assert torch.equal(keys[:, :, -window:], all_keys[:, :, -window:])  # the recent tokens are untouched
     for got, want in ((keys, all_keys), (values, all_values)):
         error = (got - want).norm() / want.norm()
@@ -55,10 +55,9 @@ def test_kivi_error_shrinks_with_bits_and_the_window_is_exact(bits, tolerance):
 def test_kivi_is_append_only():
     cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=8))
     (first_keys, _), _, _ = feed(cache, 0)
-    levels = [g.levels.clone() for g in cache.key_groups]
-    quantized = len(cache.key_groups) * 8
+    levels, quantized = cache.keys["levels"].codes().clone(), cache.quantized_tokens
     (later_keys, _), _, _ = feed(cache, 0, seed=1)  # 40 more tokens through the same cache
-    assert all(torch.equal(a, g.levels) for a, g in zip(levels, cache.key_groups))
+    assert torch.equal(cache.keys["levels"].codes()[:, :, :quantized], levels)
     assert torch.equal(later_keys[:, :, :quantized], first_keys[:, :, :quantized])  # past codes never change
 
 
@@ -112,7 +111,7 @@ def test_hugging_face_generation_through_a_library_cache():
     reference = model.generate(ids, past_key_values=transformers.DynamicCache(), **options)
     kivi8 = hf_cache(2, KIVIConfig(key_bits=8, value_bits=8, group_size=16, residual=16).make_layer)
     assert torch.equal(model.generate(ids, past_key_values=kivi8, **options), reference)
-    assert kivi8.get_seq_length() == 40 + 12 - 1 and kivi8.layers[0].inner.key_groups
+    assert kivi8.get_seq_length() == 40 + 12 - 1 and kivi8.layers[0].inner.quantized_tokens
     assert 8 < kivi8.bits_per_element() < 32
     rotary = hf_rotary(model)
     cos, sin = rotary(torch.arange(7))
@@ -161,10 +160,10 @@ def test_coupled_cache_is_append_only_and_checks_heads():
     cache = CQLayerCache(codebooks)
     keys, values = correlated_kv(10, seed=2)
     first, _ = cache.update(keys, values)
-    codes = cache.codes[0][0].clone()
+    codes = cache.codes[0].codes().clone()
     later, _ = cache.update(*correlated_kv(5, seed=3))
-    assert torch.equal(later[:, :, :10], first) and torch.equal(cache.codes[0][0], codes)
-    assert cache.bits_per_element() == 0.5
+    assert torch.equal(later[:, :, :10], first) and torch.equal(cache.codes[0].codes()[:, :, :10], codes)
+    assert cache.bits_per_element() == (8 * 0.5 + 7 * 1) / 15  # 8 tokens packed, 7 waiting as uint8
     with pytest.raises(ValueError, match="fitted for 2 heads of dim 16, got 3 heads of dim 16"):
         CQLayerCache(codebooks).update(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
     with pytest.raises(ValueError, match="channels=5 must divide head_dim 16"):
@@ -205,7 +204,7 @@ def test_library_quantizers_as_kv_caches(name, kwargs, bits):
     assert relative < 0.6  # a rank-2 signal: the calibrated codes keep most of it
     assert cache.bits_per_element() == bits / 16  # codes of one head vector over its 16 elements
     cache.update(*correlated_kv(4, seed=2))
-    assert torch.equal(cache.past[0][:, :, :32], got_keys)  # append-only
+    assert torch.equal(cache.dequantized()[0][:, :, :32], got_keys)  # append-only
     with pytest.raises(ValueError, match="read head_dim 16, got 8"):
         QuantizerLayerCache(*quantizers).update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="'fsq' has no codebook that k-means calibrates"):
@@ -228,7 +227,7 @@ def test_pre_rope_cache_stores_unrotated_keys_and_returns_rotated_ones():
     for start in range(0, 96, 40):  # chunks of 40, 40, 16: positions carry over
         keys, got_values = cache.update(post[:, :, start : start + 40], values[:, :, start : start + 40])
     torch.testing.assert_close(keys, post, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cache.inner.keys, pre, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.inner.keys.tensor(), pre, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_values, values) and cache.bits_per_element() == 32.0
 
 
@@ -299,3 +298,69 @@ def test_sparse_and_rope_errors():
         PreRoPELayerCache(inner, rotary_tables(8)).update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     with pytest.raises(ValueError, match="window_dtype must be a floating torch dtype"):
         KIVIConfig(window_dtype=torch.int8)
+
+
+def test_token_buffers_grow_by_pages_and_packed_tokens_round_trip(monkeypatch):
+    import tokenizers_q.kv.buffer as buffer
+    from tokenizers_q.packing import TokenSpec
+
+    monkeypatch.setattr(buffer, "GROWTH", 1 / 8)
+    tokens = buffer.TokenBuffer()
+    parts = [torch.randn(1, 2, n, 3) for n in (40, *[1] * 30)]
+    pointers = set()
+    for part in parts:
+        tokens.append(part)
+        pointers.add(tokens.storage.data_ptr())
+    assert torch.equal(tokens.tensor(), torch.cat(parts, 2)) and tokens.storage.shape[2] <= 70 * 9 / 8
+    assert len(pointers) <= 6  # moved 5 times for 30 appends, not once per append
+    with pytest.raises(ValueError, match="cannot append torch.float64 .* to a buffer of torch.float32"):
+        tokens.append(torch.randn(1, 2, 1, 3, dtype=torch.float64))
+    for spec, width in [(TokenSpec((4,)), 64), (TokenSpec((1024, 16)), 2), (TokenSpec((64,)), 1)]:
+        packed = buffer.PackedTokens(spec, width)
+        sizes = torch.tensor(spec.codebook_sizes * (width // spec.num_codebooks))
+        chunks = [(torch.rand(2, 3, n, width) * sizes).long() for n in (5, 1, 17, 8)]
+        for chunk in chunks:
+            packed.append(chunk)
+        assert torch.equal(packed.codes(), torch.cat(chunks, 2)) and packed.length == 31
+        assert packed.tail.shape[2] == 31 % 8
+        whole = 2 * 3 * 24 * width * sum(spec.bits) // spec.num_codebooks  # 24 tokens packed at their width
+        assert packed.stored_bits() == whole + packed.tail.numel() * packed.tail.element_size() * 8
+
+
+def kv_caches():
+    """Every cache kind at head_dim 64, 2 heads, fp16 keys and values: (name, cache, shared objects)."""
+    from tokenizers_q.kv import QuantizerLayerCache, calibrate_quantizer
+
+    keys, values = correlated_kv(600, seed=0, dim=64)
+    vq = [calibrate_quantizer("vq", x.reshape(-1, 64), passes=1, codebook_size=256) for x in (keys, values)]
+    cq = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=8, num_iters=3))
+    bounds = [outlier_bounds(x, 0.01) for x in (keys, values)]
+    kivi = KIVIConfig(2, 2, group_size=32, residual=32, window_dtype=torch.float16)
+    return [
+        ("fp16", FullPrecisionLayerCache(), []),
+        ("kivi-2", kivi.make_layer(), []),
+        ("kivi-4", KIVIConfig(4, 4, residual=32).make_layer(), []),
+        ("cq-2", CQLayerCache(cq), [cq]),
+        ("vq-256", QuantizerLayerCache(*vq), vq),
+        ("kivi-2 + sink + outliers", DenseAndSparseLayerCache(kivi.make_layer(), 4, *bounds), []),
+        ("pre-rope kivi-2", PreRoPELayerCache(kivi.make_layer(), rotary_tables(64)), []),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7), ids=[name for name, _, _ in kv_caches()])
+def test_every_cache_holds_what_it_counts(index):
+    import tokenizers_q.kv.buffer as buffer
+
+    name, cache, shared = kv_caches()[index]
+    keys, values = correlated_kv(1100, seed=1, dim=64)
+    keys, values = keys.half(), values.half()
+    out = cache.update(keys[:, :, :1000], values[:, :, :1000])
+    for t in range(1000, 1100):  # decode steps
+        out = cache.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    assert out[0].shape == (1, 2, 1100, 64) and out[0].dtype == torch.float16
+    del out
+    seen = set()
+    for obj in shared:  # shared by every sequence (and not counted unless asked): not this cache's bytes
+        buffer.held_bytes(obj, seen)
+    held, counted = buffer.held_bytes(cache, seen), cache.stored_bits() / 8
+    assert counted <= held <= 1.05 * counted + 4096, (name, held, counted)

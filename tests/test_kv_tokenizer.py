@@ -119,8 +119,9 @@ def test_trained_tokenizer_round_trips_a_checkpoint_and_serves_generation(llama,
     llama.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
     inner = cache.layers[0].inner.inner.inner  # pre-RoPE -> sink -> codes
     assert isinstance(inner, QuantizerLayerCache) and inner.num_tokens == 20 + 5 - 1 - 1
-    # 6-bit codes for 16 channels, plus the float32 sink token, over 24 tokens
-    assert cache.bits_per_element() == pytest.approx((23 * 6 / 16 + 32) / 24)
+    # 6-bit codes for 16 channels (16 tokens packed, the last 7 waiting for an eighth as uint8), plus the
+    # float32 sink token, over 24 tokens
+    assert cache.bits_per_element() == pytest.approx(((16 * 6 + 7 * 8) / 16 + 32) / 24)
 
 
 def test_kv_tokenizer_errors(activations, tmp_path):

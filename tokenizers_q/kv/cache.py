@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from tokenizers_q.checks import check_finite
+from tokenizers_q.kv.buffer import TokenBuffer
 
 
 def check_kv(keys: torch.Tensor, values: torch.Tensor, expected: tuple[int, int, int] | None, dtype) -> None:
@@ -76,18 +77,15 @@ class FullPrecisionLayerCache(LayerCache):
 
     def __init__(self):
         super().__init__()
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.keys, self.values = TokenBuffer(), TokenBuffer()
 
     def _append(self, keys, values):
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], 2)
-        self.values = values if self.values is None else torch.cat([self.values, values], 2)
-        return self.keys, self.values
+        self.keys.append(keys)
+        self.values.append(values)
+        return self.keys.tensor(), self.values.tensor()
 
     def stored_bits(self) -> int:
-        if self.keys is None:
-            return 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() * 8
+        return self.keys.stored_bits() + self.values.stored_bits()
 
 
 class KVCache:

@@ -16,7 +16,9 @@ import torch
 
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kmeans import kmeans
+from tokenizers_q.kv.buffer import PackedTokens
 from tokenizers_q.kv.cache import LayerCache, check_kv
+from tokenizers_q.packing import TokenSpec
 from tokenizers_q.search import nearest
 
 
@@ -107,25 +109,20 @@ def _groups(x: torch.Tensor, channels: int) -> torch.Tensor:
     )
 
 
-def _ungroup(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    b, h, t, d = shape
-    channels = groups.shape[-1]
-    return groups.reshape(h, d // channels, b, t, channels).permute(2, 0, 3, 1, 4).reshape(b, h, t, d)
-
-
 class CQLayerCache(LayerCache):
     r"""One layer's coupled-quantization cache: every token stored as codes (no full-precision window).
 
-    ``stored_bits`` counts the codes and, with ``count_codebooks``, the layer's centroids
-    (amortised over the tokens of this cache; off when they are shared by many sequences).
+    The codes are held packed at ``bits`` each (:class:`~tokenizers_q.kv.buffer.PackedTokens`);
+    ``update`` returns the centroids they name and keeps nothing of them. ``stored_bits`` counts the codes
+    and, with ``count_codebooks``, the layer's centroids (amortised over the tokens of this cache; off when
+    they are shared by many sequences).
     """
 
     def __init__(self, codebooks: CoupledCodebooks, count_codebooks: bool = False):
         super().__init__()
         self.codebooks, self.count_codebooks = codebooks, count_codebooks
-        self.codes: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.past_keys: torch.Tensor | None = None
-        self.past_values: torch.Tensor | None = None
+        spec, groups = TokenSpec((2**codebooks.config.bits,)), codebooks.keys.shape[1]
+        self.codes = (PackedTokens(spec, groups), PackedTokens(spec, groups))  # keys, values: (B, H, T, groups)
 
     def _append(self, keys, values):
         heads, groups, _, channels = self.codebooks.keys.shape
@@ -134,18 +131,28 @@ class CQLayerCache(LayerCache):
                 f"the codebooks were fitted for {heads} heads of dim {groups * channels}, "
                 f"got {keys.shape[1]} heads of dim {keys.shape[3]}"
             )
-        decoded = []
-        for x, book in ((keys, self.codebooks.keys), (values, self.codebooks.values)):
-            book = book.to(x.device, torch.float32).reshape(heads * groups, -1, channels)
-            codes, _ = nearest(_groups(x, channels), book)
-            centroids = torch.gather(book, 1, codes.unsqueeze(-1).expand(-1, -1, channels))
-            decoded.append((codes, _ungroup(centroids, x.shape).to(x.dtype)))
-        self.codes.append((decoded[0][0], decoded[1][0]))
-        new_keys, new_values = decoded[0][1], decoded[1][1]
-        self.past_keys = new_keys if self.past_keys is None else torch.cat([self.past_keys, new_keys], 2)
-        self.past_values = new_values if self.past_values is None else torch.cat([self.past_values, new_values], 2)
-        return self.past_keys, self.past_values
+        batch, _, tokens, _ = keys.shape
+        for x, book, stored in zip((keys, values), self._books(keys.device), self.codes):
+            codes, _ = nearest(_groups(x, channels), book.reshape(heads * groups, -1, channels))
+            codes = codes.reshape(heads, groups, batch, tokens).permute(2, 0, 3, 1)  # (B, H, T, groups)
+            stored.append(codes)
+        return self.dequantized(keys.dtype)
+
+    def _books(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(b.to(device, torch.float32) for b in (self.codebooks.keys, self.codebooks.values))
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's keys and values (B, H, T, D) in ``dtype``, made from the codes (a new tensor each call)."""
+        heads, groups, size, channels = self.codebooks.keys.shape
+        out = []
+        all_codes = [stored.codes() for stored in self.codes]  # (B, H, T, groups) each
+        device = all_codes[0].device
+        group = torch.arange(heads * groups, device=device).reshape(1, heads, 1, groups)  # each its own centroids
+        for book, codes in zip(self._books(device), all_codes):
+            vectors = book.reshape(-1, channels)[codes + group * size]  # (B, H, T, groups, channels)
+            out.append(vectors.reshape(*codes.shape[:3], groups * channels).to(dtype))
+        return out[0], out[1]
 
     def stored_bits(self) -> int:
-        bits = sum((k.numel() + v.numel()) * self.codebooks.config.bits for k, v in self.codes)
+        bits = sum(stored.stored_bits() for stored in self.codes)
         return bits + (self.codebooks.stored_bits() if self.count_codebooks else 0)

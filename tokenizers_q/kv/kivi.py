@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizers_q.grids import METADATA_BITS, GridCodes, dequantize_grid, quantize_grid
+from tokenizers_q.grids import quantize_grid
+from tokenizers_q.kv.buffer import PackedTokens, TokenBuffer
 from tokenizers_q.kv.cache import LayerCache
+from tokenizers_q.packing import TokenSpec
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,26 @@ class KIVILayerCache(LayerCache):
     New tokens enter the window; whenever it holds ``residual + group_size`` tokens,
     its oldest ``group_size`` tokens are quantized as one group (keys per channel over
     the group's tokens, values per token over groups of channels) and appended to
-    the quantized past, which is never re-quantized. Attention reads the
-    dequantized past (kept as a working copy) followed by the window;
-    :meth:`stored_bits` counts the compressed form: levels, float16 scales and
-    offsets, and the window in its own dtype.
+    the quantized past, which is never re-quantized. The past is held as it is counted by
+    :meth:`stored_bits`: levels packed token by token at their width, float16 scales and
+    offsets, each in a :class:`~tokenizers_q.kv.buffer.TokenBuffer`; ``update`` dequantizes
+    it for the caller and keeps nothing of that.
     """
 
     def __init__(self, config: KIVIConfig):
         super().__init__()
         self.config = config
-        self.key_groups: list[GridCodes] = []
-        self.value_groups: list[GridCodes] = []
-        self.past_keys: torch.Tensor | None = None
-        self.past_values: torch.Tensor | None = None
+        # keys: levels (B, H, T, D), scale and offset (B, H, groups, D); values: levels, and scale and offset
+        # (B, H, T, D / value group)
+        self.keys = {"scale": TokenBuffer(), "offset": TokenBuffer()}
+        self.values = {"scale": TokenBuffer(), "offset": TokenBuffer()}
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens stored as codes (the others are in the window)."""
+        return self.keys["levels"].length if "levels" in self.keys else 0
 
     def _append(self, keys, values):
         config, dim = self.config, keys.shape[-1]
@@ -78,36 +85,60 @@ class KIVILayerCache(LayerCache):
         dtype = keys.dtype
         if config.window_dtype is not None:
             keys, values = keys.to(config.window_dtype), values.to(config.window_dtype)
-        if self.window_keys is None:
-            self.window_keys, self.window_values = keys, values
-        else:
+        if self.window_keys is None:  # a copy: never a view of the caller's tensors
+            self.window_keys, self.window_values = keys.clone(), values.clone()
+        else:  # the window is at most residual + group_size tokens: bounded copies
             self.window_keys = torch.cat([self.window_keys, keys], 2)
             self.window_values = torch.cat([self.window_values, values], 2)
         size = config.group_size
-        while self.window_keys.shape[2] >= config.residual + size:
-            self._quantize_group(self.window_keys[:, :, :size].to(dtype), self.window_values[:, :, :size].to(dtype))
-            self.window_keys, self.window_values = self.window_keys[:, :, size:], self.window_values[:, :, size:]
+        quantized = (self.window_keys.shape[2] - config.residual) // size * size
+        if quantized > 0:
+            self._quantize(self.window_keys[:, :, :quantized].to(dtype), self.window_values[:, :, :quantized].to(dtype))
+            self.window_keys = self.window_keys[:, :, quantized:].clone()
+            self.window_values = self.window_values[:, :, quantized:].clone()
         window_keys, window_values = self.window_keys.to(dtype), self.window_values.to(dtype)
-        if self.past_keys is None:
+        if not self.quantized_tokens:
             return window_keys, window_values
-        return torch.cat([self.past_keys, window_keys], 2), torch.cat([self.past_values, window_values], 2)
+        past_keys, past_values = self.dequantized(dtype)
+        return torch.cat([past_keys, window_keys], 2), torch.cat([past_values, window_values], 2)
 
-    def _quantize_group(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        config = self.config
-        key_codes = quantize_grid(keys, config.key_bits, axis=2)  # per channel over the group's tokens
-        value_codes = quantize_grid(
-            values, config.value_bits, axis=3, group_size=min(config.group_size, values.shape[3])
-        )
-        self.key_groups.append(key_codes)
-        self.value_groups.append(value_codes)
-        new_keys, new_values = dequantize_grid(key_codes, keys.dtype), dequantize_grid(value_codes, values.dtype)
-        self.past_keys = new_keys if self.past_keys is None else torch.cat([self.past_keys, new_keys], 2)
-        self.past_values = new_values if self.past_values is None else torch.cat([self.past_values, new_values], 2)
+    def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize whole groups of tokens (B, H, n * group_size, D) and append their codes."""
+        config, (batch, heads, tokens, dim) = self.config, keys.shape
+        groups = keys.reshape(batch, heads, tokens // config.group_size, config.group_size, dim)
+        key_codes = quantize_grid(groups, config.key_bits, axis=3)  # per channel over each group's tokens
+        value_group = min(config.group_size, dim)
+        value_codes = quantize_grid(values, config.value_bits, axis=3, group_size=value_group)
+        if "levels" not in self.keys:
+            self.keys["levels"] = PackedTokens(TokenSpec((2**config.key_bits,)), dim)
+            self.values["levels"] = PackedTokens(TokenSpec((2**config.value_bits,)), dim)
+        self.keys["levels"].append(key_codes.levels.reshape(batch, heads, tokens, dim))
+        self.keys["scale"].append(key_codes.scale.reshape(groups.shape[:3] + (dim,)))  # (B, H, groups, D)
+        self.keys["offset"].append(key_codes.offset.reshape(groups.shape[:3] + (dim,)))
+        self.values["levels"].append(value_codes.levels)
+        self.values["scale"].append(value_codes.scale)  # (B, H, T, D / value group)
+        self.values["offset"].append(value_codes.offset)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized tokens' keys and values (B, H, quantized_tokens, D) in ``dtype``, made from the codes
+        (a new tensor each call; the cache keeps only the codes)."""
+        config, dim = self.config, self.layout[2]
+        out = []
+        for stored, group in ((self.keys, None), (self.values, dim)):
+            levels = stored["levels"].codes(torch.uint8).float()
+            scale, offset = stored["scale"].tensor().float(), stored["offset"].tensor().float()
+            batch, heads, tokens, _ = levels.shape
+            if group is None:  # keys: (B, H, groups, 1, D) over each group's tokens
+                levels = levels.reshape(batch, heads, -1, config.group_size, dim)
+                x = levels * scale[:, :, :, None] + offset[:, :, :, None]
+            else:  # values: (B, H, T, D / value group, 1) over each token's channel groups
+                levels = levels.reshape(batch, heads, tokens, scale.shape[-1], -1)
+                x = levels * scale[..., None] + offset[..., None]
+            out.append(x.reshape(batch, heads, tokens, dim).to(dtype))
+        return out[0], out[1]
 
     def stored_bits(self) -> int:
-        bits = 0
-        for codes in (*self.key_groups, *self.value_groups):
-            bits += codes.levels.numel() * codes.bits + METADATA_BITS * (codes.scale.numel() + codes.offset.numel())
+        bits = sum(buffer.stored_bits() for stored in (self.keys, self.values) for buffer in stored.values())
         if self.window_keys is not None:
             bits += (self.window_keys.numel() + self.window_values.numel()) * self.window_keys.element_size() * 8
         return bits

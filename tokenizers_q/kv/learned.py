@@ -6,6 +6,7 @@ import torch
 
 from tokenizers_q.checks import check_finite
 from tokenizers_q.grids import METADATA_BITS
+from tokenizers_q.kv.buffer import PackedTokens
 from tokenizers_q.kv.cache import LayerCache
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
@@ -56,24 +57,28 @@ class QuantizerLayerCache(LayerCache):
             raise ValueError(f"key and value quantizers differ in dim: {key_quantizer.dim} vs {value_quantizer.dim}")
         self.quantizers = (key_quantizer.eval(), value_quantizer.eval())
         self.count_codebooks = count_codebooks
-        self.codes: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.past: list[torch.Tensor] | None = None
+        # keys, values: (B, H, T, codebooks), packed at their width
+        self.codes = tuple(PackedTokens(q.spec, q.spec.num_codebooks) for q in self.quantizers)
 
     def _append(self, keys, values):
         if keys.shape[-1] != self.quantizers[0].dim:
             raise ValueError(f"the quantizers read head_dim {self.quantizers[0].dim}, got {keys.shape[-1]}")
-        codes = tuple(q.encode(x.float()) for q, x in zip(self.quantizers, (keys, values)))
+        for quantizer, x, stored in zip(self.quantizers, (keys, values), self.codes):
+            stored.append(quantizer.encode(x.float()))
+        return self.dequantized(keys.dtype)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's keys and values (B, H, T, D) in ``dtype``, decoded from the codes (a new tensor each
+        call; the cache keeps only the packed codes)."""
+        out = []
         with torch.no_grad():
-            decoded = [q.decode(c).to(x.dtype) for q, c, x in zip(self.quantizers, codes, (keys, values))]
-        self.codes.append(codes)
-        self.past = decoded if self.past is None else [torch.cat([p, d], 2) for p, d in zip(self.past, decoded)]
-        return self.past[0], self.past[1]
+            for quantizer, stored in zip(self.quantizers, self.codes):
+                out.append(quantizer.decode(stored.codes()).to(dtype))
+        return out[0], out[1]
 
     def stored_bits(self) -> int:
-        bits = 0
-        for codes in self.codes:
-            for quantizer, c in zip(self.quantizers, codes):
-                bits += c[..., 0].numel() * quantizer.spec.bits_per_token
+        """The packed codes, and with ``count_codebooks`` the quantizers' tables."""
+        bits = sum(stored.stored_bits() for stored in self.codes)
         if self.count_codebooks:
             bits += sum(codebook_bits(quantizer) for quantizer in self.quantizers)
         return bits

@@ -15,6 +15,7 @@ import torch
 
 from tokenizers_q.checks import check_finite
 from tokenizers_q.grids import METADATA_BITS
+from tokenizers_q.kv.buffer import TokenBuffer
 from tokenizers_q.kv.cache import LayerCache
 
 #: bits of one sparse outlier: its float16 value and a 32-bit index
@@ -36,7 +37,7 @@ def outlier_bounds(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torc
     rows = x.float().permute(1, 3, 0, 2).reshape(x.shape[1], x.shape[3], -1).sort(-1).values
     count = rows.shape[-1]
     tail = min(int(fraction / 2 * count), count - 1)
-    return rows[..., tail], rows[..., count - 1 - tail]
+    return rows[..., tail].clone(), rows[..., count - 1 - tail].clone()  # not views of every sorted element
 
 
 class DenseAndSparseLayerCache(LayerCache):
@@ -65,24 +66,29 @@ class DenseAndSparseLayerCache(LayerCache):
             raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
         self.inner, self.sink_tokens, self.bounds = inner, sink_tokens, (key_bounds, value_bounds)
         self.sink: list[torch.Tensor] | None = None
-        # per keys / values: the (b, h, t, d) positions (4, n) and float16 values (n,) of outliers
-        self.outliers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
+        # per keys / values: each outlier's int32 index ``t * B * H * D + (b * H + h) * D + d`` (t counted in
+        # the inner cache; the index of an element never changes as tokens come) and its float16 value
+        self.outliers = [(TokenBuffer(0), TokenBuffer(0)) for _ in range(2)]
 
     def _append(self, keys, values):
         start = self.num_tokens - keys.shape[2]
         take = max(0, min(self.sink_tokens - start, keys.shape[2]))
         if take:
-            new_sink = [keys[:, :, :take], values[:, :, :take]]
+            new_sink = [keys[:, :, :take].clone(), values[:, :, :take].clone()]  # not views of the caller's
             self.sink = new_sink if self.sink is None else [torch.cat(p, 2) for p in zip(self.sink, new_sink)]
             keys, values = keys[:, :, take:], values[:, :, take:]
         if keys.shape[2] == 0 and self.inner.num_tokens == 0:  # every token so far is in the sink (or none came)
             return (keys, values) if self.sink is None else (self.sink[0], self.sink[1])
         dense = [self._split(i, x, start + take - self.sink_tokens) for i, x in enumerate((keys, values))]
         past = list(self.inner.update(*dense))
-        for i, outliers in enumerate(self.outliers):
-            if outliers is not None:
-                where, kept = outliers
-                past[i] = past[i].index_put(tuple(where), kept.to(past[i].dtype))
+        for i, (where, kept) in enumerate(self.outliers):
+            if where.length:
+                batch, heads, tokens, dim = past[i].shape
+                where = where.tensor().long()
+                token, element = where // (batch * heads * dim), where % (batch * heads * dim)
+                flat = (element // dim * tokens + token) * dim + element % dim  # in (B, H, T, D) order
+                values = kept.tensor().to(past[i].dtype)
+                past[i] = past[i].reshape(-1).index_put((flat,), values).reshape(past[i].shape)
         if self.sink is not None:
             past = [torch.cat([s, p], 2) for s, p in zip(self.sink, past)]
         return past[0], past[1]
@@ -99,17 +105,19 @@ class DenseAndSparseLayerCache(LayerCache):
                 f"got {x.shape[1]} heads of dim {x.shape[3]}"
             )
         outside = (x < lower) | (x > upper)
-        where = outside.nonzero().T
-        where[2] += offset  # positions within the inner cache
-        kept = x[outside].to(torch.float16)
-        if self.outliers[index] is not None:
-            where = torch.cat([self.outliers[index][0], where], 1)
-            kept = torch.cat([self.outliers[index][1], kept])
-        self.outliers[index] = (where, kept)
+        batch, heads, tokens, dim = x.shape
+        b, h, t, d = outside.nonzero().T
+        position = (t + offset) * (batch * heads * dim) + (b * heads + h) * dim + d
+        if position.numel() and int(position.max()) >= 2**31:
+            raise ValueError(
+                f"outlier index {int(position.max())} exceeds the 32 bits it is stored in: cache fewer tokens"
+            )
+        self.outliers[index][0].append(position.int())
+        self.outliers[index][1].append(x[b, h, t, d].to(torch.float16))
         return torch.minimum(torch.maximum(x, lower), upper)
 
     def num_outliers(self) -> int:
-        return sum(o[1].numel() for o in self.outliers if o is not None)
+        return sum(kept.length for _, kept in self.outliers)
 
     def stored_bits(self) -> int:
         bits = self.inner.stored_bits() + OUTLIER_BITS * self.num_outliers()
