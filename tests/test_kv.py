@@ -204,7 +204,7 @@ def test_library_quantizers_as_kv_caches(name, kwargs, bits):
     assert relative < 0.6  # a rank-2 signal: the calibrated codes keep most of it
     assert cache.bits_per_element() == bits / 16  # codes of one head vector over its 16 elements
     cache.update(*correlated_kv(4, seed=2))
-    assert torch.equal(cache.dequantized()[0][:, :, :32], got_keys)  # append-only
+    assert torch.equal(cache.tensors()[0][:, :, :32], got_keys)  # append-only
     with pytest.raises(ValueError, match="read head_dim 16, got 8"):
         QuantizerLayerCache(*quantizers).update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="'fsq' has no codebook that k-means calibrates"):
@@ -364,3 +364,62 @@ def test_every_cache_holds_what_it_counts(index):
         buffer.held_bytes(obj, seen)
     held, counted = buffer.held_bytes(cache, seen), cache.stored_bits() / 8
     assert counted <= held <= 1.05 * counted + 4096, (name, held, counted)
+
+
+def reference_attention(cache, queries, mask=None):
+    """softmax(q k^T / sqrt(d) + mask) v over the cache's tensors, heads repeated as repeat_kv does."""
+    keys, values = cache.tensors(torch.float32)
+    repeat = queries.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
+    scores = queries.float() @ keys.transpose(-1, -2) / keys.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ values
+
+
+def attention_caches():
+    """Every kind of kv_caches, plus RVQ and PQ quantizer caches; names of the kinds that attend from codes."""
+    from tokenizers_q.kv import QuantizerLayerCache, calibrate_quantizer
+
+    keys, values = correlated_kv(600, seed=0, dim=64)
+    extra = []
+    options = {"rvq": {"num_quantizers": 2, "codebook_size": 64}, "pq": {"num_groups": 4, "codebook_size": 64}}
+    for name, kwargs in options.items():
+        quantizers = [calibrate_quantizer(name, x.reshape(-1, 64), passes=1, **kwargs) for x in (keys, values)]
+        extra.append((name, QuantizerLayerCache(*quantizers), quantizers))
+    return [*kv_caches(), *extra]
+
+
+FROM_CODES = {"kivi-2", "kivi-4", "cq-2", "vq-256", "rvq", "pq"}
+
+
+@pytest.mark.parametrize("index", range(9), ids=[name for name, _, _ in attention_caches()])
+def test_attention_from_codes_equals_attention_over_the_dequantized_tensors(index, monkeypatch):
+    name, cache, _ = attention_caches()[index]
+    keys, values = correlated_kv(300, seed=1, dim=64)
+    cache.append(keys[:, :, :299], values[:, :, :299])
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(1, 6, 1, 64, generator=g)  # a decode step, 3 query heads per key/value head
+    expected = reference_attention(cache, queries)
+    mask = torch.rand(1, 6, 1, 299, generator=g) > 0.3  # some tokens hidden from some heads
+    expected_masked = reference_attention(cache, queries, mask)
+    if name in FROM_CODES:  # the codes are read, never the dequantized tensors
+        monkeypatch.setattr(cache, "tensors", lambda *a: pytest.fail(f"{name} made its tensors to attend"))
+    torch.testing.assert_close(cache.attend(queries), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.attend(queries, mask=mask), expected_masked, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    cache.append(keys[:, :, 299:], values[:, :, 299:])
+    prefill = torch.randn(1, 2, 40, 64, generator=g)  # many queries, causal: through the tensors
+    causal = torch.ones(40, 300, dtype=torch.bool).tril(260)
+    torch.testing.assert_close(
+        cache.attend(prefill, scale=0.1, mask=causal),
+        reference_attention(cache, prefill * 0.1 * 64**0.5, causal),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    four_heads = FullPrecisionLayerCache()
+    four_heads.append(torch.randn(1, 4, 3, 64), torch.randn(1, 4, 3, 64))
+    with pytest.raises(ValueError, match="6 query heads cannot share 4 key/value heads evenly"):
+        four_heads.attend(queries)
+    with pytest.raises(ValueError, match="the cache is empty: append keys and values before attending"):
+        FullPrecisionLayerCache().attend(queries)

@@ -17,7 +17,8 @@ import torch
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.kv.buffer import PackedTokens
-from tokenizers_q.kv.cache import LayerCache, check_kv
+from tokenizers_q.kv.cache import LayerCache, attention, check_kv
+from tokenizers_q.kv.tables import CodewordTables, table_mix, table_scores
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.search import nearest
 
@@ -136,13 +137,13 @@ class CQLayerCache(LayerCache):
             codes, _ = nearest(_groups(x, channels), book.reshape(heads * groups, -1, channels))
             codes = codes.reshape(heads, groups, batch, tokens).permute(2, 0, 3, 1)  # (B, H, T, groups)
             stored.append(codes)
-        return self.dequantized(keys.dtype)
 
     def _books(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(b.to(device, torch.float32) for b in (self.codebooks.keys, self.codebooks.values))
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token's keys and values (B, H, T, D) in ``dtype``, made from the codes (a new tensor each call)."""
+    def tensors(self, dtype=None):
+        """Every token's keys and values (B, H, T, D), made from the codes (a new tensor each call)."""
+        dtype = dtype or self.dtype
         heads, groups, size, channels = self.codebooks.keys.shape
         out = []
         all_codes = [stored.codes() for stored in self.codes]  # (B, H, T, groups) each
@@ -156,3 +157,25 @@ class CQLayerCache(LayerCache):
     def stored_bits(self) -> int:
         bits = sum(stored.stored_bits() for stored in self.codes)
         return bits + (self.codebooks.stored_bits() if self.count_codebooks else 0)
+
+    def attend(self, queries, scale=None, mask=None):
+        """Attention from the codes through tables of ``q . centroid`` (:mod:`tokenizers_q.kv.tables`): no key
+        or value is made. Many queries at once (a prefill) attend through :meth:`tensors`, which is then
+        cheaper."""
+        heads, groups, _, channels = self.codebooks.keys.shape
+        if queries.shape[1] // heads * queries.shape[2] * groups > self.layout[2]:
+            return super().attend(queries, scale, mask)
+        key_codes, value_codes = (stored.codes() for stored in self.codes)
+        offsets = tuple(range(0, groups * channels, channels))
+        key_tables, value_tables = (
+            CodewordTables(book.new_zeros(heads, groups * channels), book, offsets)
+            for book in self._books(key_codes.device)
+        )
+        return attention(
+            queries,
+            lambda q: table_scores(q, key_codes, key_tables),
+            lambda p: table_mix(p, value_codes, value_tables, groups * channels),
+            heads,
+            scale,
+            mask,
+        )

@@ -8,7 +8,7 @@ import torch
 
 from tokenizers_q.grids import quantize_grid
 from tokenizers_q.kv.buffer import PackedTokens, TokenBuffer
-from tokenizers_q.kv.cache import LayerCache
+from tokenizers_q.kv.cache import LayerCache, attention
 from tokenizers_q.packing import TokenSpec
 
 
@@ -58,9 +58,9 @@ class KIVILayerCache(LayerCache):
     its oldest ``group_size`` tokens are quantized as one group (keys per channel over
     the group's tokens, values per token over groups of channels) and appended to
     the quantized past, which is never re-quantized. The past is held as it is counted by
-    :meth:`stored_bits`: levels packed token by token at their width, float16 scales and
-    offsets, each in a :class:`~tokenizers_q.kv.buffer.TokenBuffer`; ``update`` dequantizes
-    it for the caller and keeps nothing of that.
+    :meth:`stored_bits`: levels packed at their width, float16 scales and offsets (see
+    :mod:`tokenizers_q.kv.buffer`); :meth:`tensors` dequantizes it for the caller and keeps
+    nothing of that, :meth:`attend` reads the codes.
     """
 
     def __init__(self, config: KIVIConfig):
@@ -96,11 +96,50 @@ class KIVILayerCache(LayerCache):
             self._quantize(self.window_keys[:, :, :quantized].to(dtype), self.window_values[:, :, :quantized].to(dtype))
             self.window_keys = self.window_keys[:, :, quantized:].clone()
             self.window_values = self.window_values[:, :, quantized:].clone()
+
+    def tensors(self, dtype=None):
+        dtype = dtype or self.dtype
         window_keys, window_values = self.window_keys.to(dtype), self.window_values.to(dtype)
         if not self.quantized_tokens:
             return window_keys, window_values
-        past_keys, past_values = self.dequantized(dtype)
+        past_keys, past_values = self._past(dtype)
         return torch.cat([past_keys, window_keys], 2), torch.cat([past_values, window_values], 2)
+
+    def attend(self, queries, scale=None, mask=None):
+        """Attention from the codes: per group of tokens, ``q . k = (q * scale) . levels + q . offset``; values
+        per token ``sum_t p_t (scale_t levels_t + offset_t)`` as products of ``p * scale`` with the levels, per
+        channel group. Only the levels are unpacked (to float); no key or value is dequantized. Many queries
+        at once (a prefill longer than a group) attend through :meth:`tensors`, which is then cheaper."""
+        config = self.config
+        if not self.quantized_tokens or queries.shape[1] // self._heads() * queries.shape[2] > config.group_size:
+            return super().attend(queries, scale, mask)
+        window_keys, window_values = self.window_keys.float(), self.window_values.float()
+        quantized = self.quantized_tokens
+        key_levels = self.keys["levels"].codes(torch.uint8).float()  # (B, H, T, D)
+        key_scale, key_offset = self.keys["scale"].tensor().float(), self.keys["offset"].tensor().float()
+        value_levels = self.values["levels"].codes(torch.uint8).float()
+        value_scale, value_offset = self.values["scale"].tensor().float(), self.values["offset"].tensor().float()
+        batch, heads, _, dim = key_levels.shape
+        groups, channel_groups = key_scale.shape[2], value_scale.shape[3]
+        by_group = key_levels.reshape(batch, heads, groups, config.group_size, dim).transpose(-1, -2)
+
+        def scores(q):  # (B, H, Q, D)
+            scaled = q[:, :, None] * key_scale[:, :, :, None]  # (B, H, groups, Q, D)
+            coded = scaled @ by_group + (q[:, :, None] * key_offset[:, :, :, None]).sum(-1, keepdim=True)
+            coded = coded.permute(0, 1, 3, 2, 4).reshape(batch, heads, q.shape[2], quantized)
+            return torch.cat([coded, q @ window_keys.transpose(-1, -2)], -1)
+
+        def mix(p):  # (B, H, Q, T)
+            coded, recent = p[..., :quantized], p[..., quantized:]
+            width = dim // channel_groups
+            parts = [
+                (coded * value_scale[..., c][:, :, None]) @ value_levels[..., c * width : (c + 1) * width]
+                for c in range(channel_groups)
+            ]
+            offsets = (coded @ value_offset).repeat_interleave(width, -1)
+            return torch.cat(parts, -1) + offsets + recent @ window_values
+
+        return attention(queries, scores, mix, heads, scale, mask)
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of tokens (B, H, n * group_size, D) and append their codes."""
@@ -119,9 +158,8 @@ class KIVILayerCache(LayerCache):
         self.values["scale"].append(value_codes.scale)  # (B, H, T, D / value group)
         self.values["offset"].append(value_codes.offset)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """The quantized tokens' keys and values (B, H, quantized_tokens, D) in ``dtype``, made from the codes
-        (a new tensor each call; the cache keeps only the codes)."""
+    def _past(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized tokens' keys and values (B, H, quantized_tokens, D) in ``dtype``, made from the codes."""
         config, dim = self.config, self.layout[2]
         out = []
         for stored, group in ((self.keys, None), (self.values, dim)):

@@ -7,7 +7,8 @@ import torch
 from tokenizers_q.checks import check_finite
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kv.buffer import PackedTokens
-from tokenizers_q.kv.cache import LayerCache
+from tokenizers_q.kv.cache import LayerCache, attention
+from tokenizers_q.kv.tables import quantizer_tables, table_mix, table_scores
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
 
@@ -65,11 +66,11 @@ class QuantizerLayerCache(LayerCache):
             raise ValueError(f"the quantizers read head_dim {self.quantizers[0].dim}, got {keys.shape[-1]}")
         for quantizer, x, stored in zip(self.quantizers, (keys, values), self.codes):
             stored.append(quantizer.encode(x.float()))
-        return self.dequantized(keys.dtype)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token's keys and values (B, H, T, D) in ``dtype``, decoded from the codes (a new tensor each
-        call; the cache keeps only the packed codes)."""
+    def tensors(self, dtype=None):
+        """Every token's keys and values (B, H, T, D), decoded from the codes (a new tensor each call; the
+        cache keeps only the packed codes)."""
+        dtype = dtype or self.dtype
         out = []
         with torch.no_grad():
             for quantizer, stored in zip(self.quantizers, self.codes):
@@ -82,3 +83,24 @@ class QuantizerLayerCache(LayerCache):
         if self.count_codebooks:
             bits += sum(codebook_bits(quantizer) for quantizer in self.quantizers)
         return bits
+
+    def attend(self, queries, scale=None, mask=None):
+        """Attention from the codes through tables of ``q . codeword`` (:mod:`tokenizers_q.kv.tables`) where the
+        quantizers decode to sums over their codebooks (VQ, RVQ, PQ); through :meth:`tensors` for others, and
+        for many queries at once (a prefill)."""
+        key_tables, value_tables = (quantizer_tables(q, q.dim) for q in self.quantizers)
+        heads = self._heads()
+        if key_tables is None or value_tables is None:
+            return super().attend(queries, scale, mask)
+        codebooks = max(key_tables.tables.shape[1], value_tables.tables.shape[1])
+        if queries.shape[1] // heads * queries.shape[2] * codebooks > self.layout[2]:
+            return super().attend(queries, scale, mask)
+        key_codes, value_codes = (stored.codes() for stored in self.codes)
+        return attention(
+            queries,
+            lambda q: table_scores(q, key_codes, key_tables),
+            lambda p: table_mix(p, value_codes, value_tables, self.layout[2]),
+            heads,
+            scale,
+            mask,
+        )

@@ -80,8 +80,13 @@ class PreRoPELayerCache(LayerCache):
     def _append(self, keys, values):
         start = self.num_tokens - keys.shape[2]
         cos, sin = self._angles(start, self.num_tokens, keys)
-        past_keys, past_values = self.inner.update(apply_rotary(keys, cos, sin, inverse=True), values)
-        cos, sin = self._angles(0, self.num_tokens, keys)
+        self.inner.append(apply_rotary(keys, cos, sin, inverse=True), values)
+
+    def tensors(self, dtype=None):
+        """The inner cache's keys rotated to their positions, and its values. (Attention reads these: each
+        key's rotation depends on its position, so no table of the query serves every key.)"""
+        past_keys, past_values = self.inner.tensors(dtype or self.dtype)
+        cos, sin = self._angles(0, self.num_tokens, past_keys)
         return apply_rotary(past_keys, cos, sin), past_values
 
     def stored_bits(self) -> int:

@@ -77,10 +77,19 @@ class DenseAndSparseLayerCache(LayerCache):
             new_sink = [keys[:, :, :take].clone(), values[:, :, :take].clone()]  # not views of the caller's
             self.sink = new_sink if self.sink is None else [torch.cat(p, 2) for p in zip(self.sink, new_sink)]
             keys, values = keys[:, :, take:], values[:, :, take:]
-        if keys.shape[2] == 0 and self.inner.num_tokens == 0:  # every token so far is in the sink (or none came)
-            return (keys, values) if self.sink is None else (self.sink[0], self.sink[1])
+        if keys.shape[2] == 0:  # every new token went to the sink
+            return
         dense = [self._split(i, x, start + take - self.sink_tokens) for i, x in enumerate((keys, values))]
-        past = list(self.inner.update(*dense))
+        self.inner.append(*dense)
+
+    def tensors(self, dtype=None):
+        """The sink, then the inner cache's tokens with the outliers put back (a new tensor)."""
+        dtype = dtype or self.dtype
+        if self.inner.num_tokens == 0:
+            if self.sink is None:
+                raise ValueError("the cache is empty: append keys and values first")
+            return self.sink[0].to(dtype), self.sink[1].to(dtype)
+        past = list(self.inner.tensors(dtype))
         for i, (where, kept) in enumerate(self.outliers):
             if where.length:
                 batch, heads, tokens, dim = past[i].shape
@@ -90,7 +99,7 @@ class DenseAndSparseLayerCache(LayerCache):
                 values = kept.tensor().to(past[i].dtype)
                 past[i] = past[i].reshape(-1).index_put((flat,), values).reshape(past[i].shape)
         if self.sink is not None:
-            past = [torch.cat([s, p], 2) for s, p in zip(self.sink, past)]
+            past = [torch.cat([s.to(dtype), p], 2) for s, p in zip(self.sink, past)]
         return past[0], past[1]
 
     def _split(self, index: int, x: torch.Tensor, offset: int) -> torch.Tensor:
