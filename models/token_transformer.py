@@ -66,17 +66,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool, cache: LayerCache | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:  # any library KV cache: full precision, KIVI, ...
-            k, v = cache.update(k, v)
-        # with a cache, the new queries sit at the end: causal masking aligns to the bottom-right
-        is_causal = causal and n > 1
-        mask = None
-        if is_causal and k.shape[2] != n:
-            mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - n)
-            is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal and n > 1, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:  # any library KV cache, read through its attend: from the codes where it holds codes
+            cache.append(k, v)
+            tokens = cache.num_tokens  # the new queries sit at the end: causal masking aligns bottom-right
+            mask = torch.ones(n, tokens, dtype=torch.bool, device=x.device).tril(tokens - n) if causal else None
+            y = cache.attend(q, mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 

@@ -199,8 +199,37 @@ def _module_kind() -> Kind:
     )
 
 
+def _calibration_kind() -> Kind:
+    from tokenizers_q.kv import CoupledCodebooks, CQConfig, calibrate_quantizer, outlier_bounds
+    from tokenizers_q.kv import calibration as calibration_module
+
+    variants = []
+    for v in (0, 1):
+        g = torch.Generator().manual_seed(v)
+        keys, values = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
+        codebooks = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=4, num_iters=3))
+        quantizers = tuple(calibrate_quantizer("vq", x.reshape(-1, 16), 1, codebook_size=16) for x in (keys, values))
+        bounds = outlier_bounds(keys, 0.02), outlier_bounds(values, 0.02)
+        variants.append([calibration_module.LayerCalibration(codebooks, quantizers, *bounds)] * 2)
+
+    def load(path):
+        layers = calibration_module.load_calibration(path, num_layers=2, heads=2, head_dim=16)
+        return [
+            {
+                "codebooks": (layer.codebooks.keys, layer.codebooks.values, layer.codebooks.config),
+                "quantizers": [q.state_dict() for q in layer.quantizers],
+                "bounds": (layer.key_bounds, layer.value_bounds),
+            }
+            for layer in layers
+        ]
+
+    write = lambda p, v: calibration_module.save_calibration(p, variants[v])  # noqa: E731
+    return Kind("kv_calibration", calibration_module.FORMAT, calibration_module.VERSION, write, load)
+
+
 BUILDERS = {"token_file": _token_kind, "quantized_model": _quantized_kind, "embedding_codec": _codec_kind}
 BUILDERS["exported_module"] = _module_kind
+BUILDERS["kv_calibration"] = _calibration_kind
 
 
 @functools.cache

@@ -72,7 +72,7 @@ def other_vq(image_folder, tmp_path_factory):
     return out / "run" / "version_0" / "checkpoints" / "last.ckpt"
 
 
-@pytest.fixture(params=["token_file", "quantized_model", "embedding_codec", "exported_module"])
+@pytest.fixture(params=["token_file", "quantized_model", "embedding_codec", "exported_module", "kv_calibration"])
 def kind(request):
     """Each artifact kind of tests/artifact_kinds.py (the file tests run over all of them)."""
     from artifact_kinds import kind_named

@@ -423,3 +423,66 @@ def test_attention_from_codes_equals_attention_over_the_dequantized_tensors(inde
         four_heads.attend(queries)
     with pytest.raises(ValueError, match="the cache is empty: append keys and values before attending"):
         FullPrecisionLayerCache().attend(queries)
+
+
+def test_hugging_face_models_attend_from_the_codes():
+    pytest.importorskip("transformers")
+    from tokenizers_q.kv.hf import hf_cache, use_code_attention
+
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    options = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    config = KIVIConfig(key_bits=8, value_bits=8, group_size=16, residual=16)
+    through_tensors = model.generate(ids, past_key_values=hf_cache(2, config.make_layer), **options)
+    codes_cache = hf_cache(2, config.make_layer, attend_from_codes=True)
+    with pytest.raises(TypeError, match="got the codes of a KV cache made with attend_from_codes=True"):
+        model.generate(ids, past_key_values=codes_cache, **options)  # sdpa cannot read codes
+    use_code_attention(model)
+    codes_cache = hf_cache(2, config.make_layer, attend_from_codes=True)
+    assert torch.equal(model.generate(ids, past_key_values=codes_cache, **options), through_tensors)
+    assert codes_cache.layers[0].inner.quantized_tokens == 32  # the decode steps read 32 coded tokens
+    # a plain cache under the same attention function: sdpa, as before
+    assert torch.equal(model.generate(ids, past_key_values=hf_cache(2, config.make_layer), **options), through_tensors)
+
+
+def test_calibrations_save_and_load_as_caches_that_store_the_same_codes(tmp_path):
+    from tokenizers_q.kv import (
+        LayerCalibration,
+        QuantizerLayerCache,
+        calibrate_quantizer,
+        load_calibration,
+        save_calibration,
+    )
+
+    keys, values = correlated_kv(400, seed=0)
+    calibration = LayerCalibration(
+        CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=6, num_iters=3)),
+        tuple(
+            calibrate_quantizer("rvq", x.reshape(-1, 16), 1, num_quantizers=2, codebook_size=32) for x in (keys, values)
+        ),
+        outlier_bounds(keys, 0.02),
+        outlier_bounds(values, 0.02),
+    )
+    path = save_calibration(tmp_path / "smollm2.kv.safetensors", [calibration, calibration])
+    loaded = load_calibration(path, num_layers=2, heads=2, head_dim=16)
+    held_keys, held_values = correlated_kv(40, seed=1)
+
+    def caches(layer):
+        return [
+            CQLayerCache(layer.codebooks),
+            DenseAndSparseLayerCache(QuantizerLayerCache(*layer.quantizers), 1, layer.key_bounds, layer.value_bounds),
+        ]
+
+    for original, restored in zip(caches(calibration), caches(loaded[1])):
+        for got, want in zip(restored.update(held_keys, held_values), original.update(held_keys, held_values)):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="calibrates 2 attention layers, but the model has 30"):
+        load_calibration(path, num_layers=30)
+    with pytest.raises(
+        ValueError, match=r"for layer 0 with \{'heads': 2, 'head_dim': 16\}, but the model has \{'heads': 3"
+    ):
+        load_calibration(path, heads=3, head_dim=64)
+    with pytest.raises(ValueError, match="has no construction arguments to save: build it with create_quantizer"):
+        from tokenizers_q.quantizers import VQ
+
+        save_calibration(tmp_path / "bad.safetensors", [LayerCalibration(quantizers=(VQ(16, 8), VQ(16, 8)))])

@@ -1,6 +1,7 @@
 """KV-cache compression: per-layer caches that store attention keys and values as codes."""
 
-from tokenizers_q.kv.cache import FullPrecisionLayerCache, KVCache, LayerCache
+from tokenizers_q.kv.cache import FullPrecisionLayerCache, KVCache, LayerCache, attention
+from tokenizers_q.kv.calibration import LayerCalibration, load_calibration, save_calibration
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
 from tokenizers_q.kv.learned import QuantizerLayerCache, calibrate_quantizer
@@ -17,10 +18,14 @@ __all__ = [
     "KIVILayerCache",
     "KVCache",
     "LayerCache",
+    "LayerCalibration",
     "PreRoPELayerCache",
     "QuantizerLayerCache",
     "apply_rotary",
+    "attention",
     "calibrate_quantizer",
+    "load_calibration",
     "outlier_bounds",
     "rotary_tables",
+    "save_calibration",
 ]

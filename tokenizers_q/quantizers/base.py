@@ -62,8 +62,11 @@ def get_quantizer_class(name: str) -> type[Quantizer]:
 
 
 def create_quantizer(name: str, **kwargs) -> Quantizer:
-    """Build a registered quantizer, e.g. ``create_quantizer("fsq", levels=[8, 5, 5, 5])``."""
-    return get_quantizer_class(name)(**kwargs)
+    """Build a registered quantizer, e.g. ``create_quantizer("fsq", levels=[8, 5, 5, 5])``; it keeps its
+    ``init_args`` (the name and keyword arguments) so that files can rebuild it by name."""
+    quantizer = get_quantizer_class(name)(**kwargs)
+    quantizer.init_args = {"name": name, "kwargs": kwargs}
+    return quantizer
 
 
 def check_dim(name: str, value) -> int:
