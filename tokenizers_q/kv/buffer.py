@@ -102,7 +102,8 @@ class PackedTokens:
             packed = pack_codes(rows, self.stream)
             self.octets.append(packed.reshape(codes.shape[0], codes.shape[1], whole // 8, -1))
         rest = codes[:, :, whole:]
-        self.tail = rest.to(code_dtype(max(self.spec.bits))).clone() if rest.shape[2] else None
+        keep = rest.shape[2] or not self.octets.length  # (an empty tail gives the shape of no tokens yet)
+        self.tail = rest.to(code_dtype(max(self.spec.bits))).clone() if keep else None
 
     def codes(self, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Every appended token's codes (B, H, T, width), unpacked (a new tensor)."""

@@ -77,7 +77,7 @@ class DenseAndSparseLayerCache(LayerCache):
             new_sink = [keys[:, :, :take].clone(), values[:, :, :take].clone()]  # not views of the caller's
             self.sink = new_sink if self.sink is None else [torch.cat(p, 2) for p in zip(self.sink, new_sink)]
             keys, values = keys[:, :, take:], values[:, :, take:]
-        if keys.shape[2] == 0:  # every new token went to the sink
+        if keys.shape[2] == 0 and self.sink is not None:  # every new token went to the sink
             return
         dense = [self._split(i, x, start + take - self.sink_tokens) for i, x in enumerate((keys, values))]
         self.inner.append(*dense)
@@ -85,7 +85,7 @@ class DenseAndSparseLayerCache(LayerCache):
     def tensors(self, dtype=None):
         """The sink, then the inner cache's tokens with the outliers put back (a new tensor)."""
         dtype = dtype or self.dtype
-        if self.inner.num_tokens == 0:
+        if self.inner.layout is None:  # every token so far is in the sink
             if self.sink is None:
                 raise ValueError("the cache is empty: append keys and values first")
             return self.sink[0].to(dtype), self.sink[1].to(dtype)
