@@ -31,6 +31,7 @@ import time
 import torch
 from torch import nn
 
+from tokenizers_q.memory import held_bytes
 from tokenizers_q.weights import (
     IntGridConfig,
     KMeansConfig,
@@ -59,29 +60,6 @@ def mlp_stack() -> nn.Module:
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)) for _ in range(4)]
     return nn.Sequential(*blocks).eval()
-
-
-def held_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct tensor storage the model reaches: parameters, buffers and tensor attributes
-    (a cached float weight included), tensor subclasses by their inner tensors."""
-    seen: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> None:
-        inner = getattr(t, "__tensor_flatten__", None)
-        if inner is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-            for name in inner()[0]:
-                add(getattr(t, name))
-            return
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-
-    for module in model.modules():
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            add(t)
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor):
-                add(value)
-    return sum(seen.values())
 
 
 def latency(model: nn.Module, batch: int, dtype: torch.dtype, repeats: int) -> float:

@@ -349,7 +349,7 @@ def kv_caches():
 
 @pytest.mark.parametrize("index", range(7), ids=[name for name, _, _ in kv_caches()])
 def test_every_cache_holds_what_it_counts(index):
-    import tokenizers_q.kv.buffer as buffer
+    from tokenizers_q.memory import held_bytes
 
     name, cache, shared = kv_caches()[index]
     keys, values = correlated_kv(1100, seed=1, dim=64)
@@ -361,8 +361,8 @@ def test_every_cache_holds_what_it_counts(index):
     del out
     seen = set()
     for obj in shared:  # shared by every sequence (and not counted unless asked): not this cache's bytes
-        buffer.held_bytes(obj, seen)
-    held, counted = buffer.held_bytes(cache, seen), cache.stored_bits() / 8
+        held_bytes(obj, seen)
+    held, counted = held_bytes(cache, seen), cache.stored_bits() / 8
     assert counted <= held <= 1.05 * counted + 4096, (name, held, counted)
 
 

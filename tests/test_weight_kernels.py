@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tokenizers_q.memory import held_bytes
 from tokenizers_q.weights import (
     IntGridConfig,
     KMeansConfig,
@@ -25,13 +26,6 @@ needs_int4 = pytest.mark.skipif(
 
 def weight(rows=64, cols=256, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
-
-
-def held_bytes(module: nn.Module) -> int:
-    """Bytes of every tensor the module reaches (buffers, parameters and any cached weight)."""
-    tensors = list(module.buffers()) + list(module.parameters())
-    tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -125,27 +125,3 @@ class PackedTokens:
         """The packed bytes and the waiting tokens as held."""
         tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size() * 8
         return self.octets.stored_bits() + tail
-
-
-def held_bytes(obj, seen: set | None = None) -> int:
-    """Bytes of every distinct tensor storage reachable from ``obj`` through attributes, lists, tuples and
-    dicts (what a cache object keeps alive, spare room included)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        return sum(held_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(held_bytes(v, seen) for v in obj)
-    if isinstance(obj, torch.nn.Module):
-        return sum(held_bytes(t, seen) for t in [*obj.parameters(), *obj.buffers()])
-    if hasattr(obj, "__dict__") and not isinstance(obj, type):
-        return sum(held_bytes(v, seen) for v in vars(obj).values())
-    return 0
