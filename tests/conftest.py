@@ -81,9 +81,11 @@ def kind(request):
 
 
 @pytest.fixture(autouse=True)
-def eager_quantized_matmuls(monkeypatch):
-    """Quantized layers dequantize in eager here (compiling each test's shapes would take minutes); the tests
-    of the compiled paths turn it back on for their layers."""
+def eager_fused_loops(monkeypatch):
+    """Quantized layers dequantize, and KIVI caches attend, in eager here (compiling each test's shapes would
+    take minutes); the tests of the compiled paths turn them back on for their objects."""
+    from tokenizers_q.kv import KIVILayerCache
     from tokenizers_q.weights.modules import QuantizedLinear
 
     monkeypatch.setattr(QuantizedLinear, "compile_dequantize", False)
+    monkeypatch.setattr(KIVILayerCache, "compile_attention", False)

@@ -486,3 +486,23 @@ def test_calibrations_save_and_load_as_caches_that_store_the_same_codes(tmp_path
         from tokenizers_q.quantizers import VQ
 
         save_calibration(tmp_path / "bad.safetensors", [LayerCalibration(quantizers=(VQ(16, 8), VQ(16, 8)))])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_kivi_attention_equals_attention_over_the_dequantized_tensors(bits):
+    cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=32, residual=32, window_dtype=torch.float16))
+    cache.compile_attention = True
+    keys, values = correlated_kv(300, seed=1, dim=64)
+    g = torch.Generator().manual_seed(2)
+    for count in (200, 1, 40):  # the token count changes between calls: one graph serves them
+        cache.append(keys[:, :, :count], values[:, :, :count])
+        queries = torch.randn(1, 6, 1, 64, generator=g)
+        mask = torch.rand(1, 6, 1, cache.num_tokens, generator=g) > 0.3
+        for m in (None, mask):
+            torch.testing.assert_close(
+                cache.attend(queries, mask=m), reference_attention(cache, queries, m), rtol=1e-4, atol=1e-5
+            )
+    assert cache.quantized_tokens % 32 == 0 and cache._whole_bytes()
+    from tokenizers_q.kv import kivi
+
+    assert kivi._COMPILED.failed is None and kivi._coded_scores in kivi._COMPILED.functions

@@ -6,10 +6,53 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizers_q.compiled import Compiled
 from tokenizers_q.grids import quantize_grid
 from tokenizers_q.kv.buffer import PackedTokens, TokenBuffer
 from tokenizers_q.kv.cache import LayerCache, attention
 from tokenizers_q.packing import TokenSpec
+
+# the token count grows every step: one graph for every length
+_COMPILED = Compiled("attention from KIVI codes", dynamic=True)
+
+
+def _levels(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Levels (B, H, T, D) as floats from a token's bytes (B, H, T, D * bits / 8), for 1, 2, 4 or 8 bits: a
+    byte's codes by shifts (planes), which the compiler fuses into the products that read them."""
+    if bits == 8:
+        return packed.float()
+    planes = [(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)]
+    return torch.stack(planes, -1).reshape(*packed.shape[:-1], -1).float()
+
+
+def _coded_scores(queries, key_bytes, key_scale, key_offset, bits: int):
+    """``q . k`` for coded keys, ``k = scale * level + offset`` per channel and group of tokens, as one
+    reduction over the channels (no level or key tensor is written out when compiled).
+
+    Shapes:
+        - queries: (B, H, Q, D); key_bytes: (B, H, T, D * bits / 8); key_scale, key_offset: (B, H, groups, D)
+        - output: (B, H, Q, T)
+    """
+    batch, heads, count, dim = queries.shape
+    groups = key_scale.shape[2]
+    levels = _levels(key_bytes, bits).reshape(batch, heads, 1, groups, -1, dim)
+    keys = levels * key_scale.float()[:, :, None, :, None] + key_offset.float()[:, :, None, :, None]
+    return (keys * queries[:, :, :, None, None]).sum(-1).reshape(batch, heads, count, -1)
+
+
+def _coded_mix(probs, value_bytes, value_scale, value_offset, bits: int):
+    """``sum_t p_t v_t`` for coded values, ``v = scale * level + offset`` per token and channel group, as one
+    reduction over the tokens.
+
+    Shapes:
+        - probs: (B, H, Q, T); value_bytes: (B, H, T, D * bits / 8); value_scale, value_offset: (B, H, T, C)
+        - output: (B, H, Q, D)
+    """
+    batch, heads, count, tokens = probs.shape
+    channel_groups = value_scale.shape[-1]
+    levels = _levels(value_bytes, bits).reshape(batch, heads, 1, tokens, channel_groups, -1)
+    values = levels * value_scale.float()[:, :, None, :, :, None] + value_offset.float()[:, :, None, :, :, None]
+    return (values * probs[..., None, None]).sum(3).reshape(batch, heads, count, -1)
 
 
 @dataclass(frozen=True)
@@ -63,6 +106,9 @@ class KIVILayerCache(LayerCache):
     nothing of that, :meth:`attend` reads the codes.
     """
 
+    #: attend under ``torch.compile`` (set False on a cache, or on the class, to stay eager)
+    compile_attention: bool = True
+
     def __init__(self, config: KIVIConfig):
         super().__init__()
         self.config = config
@@ -107,14 +153,33 @@ class KIVILayerCache(LayerCache):
 
     def attend(self, queries, scale=None, mask=None):
         """Attention from the codes: per group of tokens, ``q . k = (q * scale) . levels + q . offset``; values
-        per token ``sum_t p_t (scale_t levels_t + offset_t)`` as products of ``p * scale`` with the levels, per
-        channel group. Only the levels are unpacked (to float); no key or value is dequantized. Many queries
-        at once (a prefill longer than a group) attend through :meth:`tensors`, which is then cheaper."""
+        per token ``sum_t p_t (scale_t levels_t + offset_t)``. Under ``torch.compile``
+        (:attr:`compile_attention`, 1, 2, 4 or 8 bits) each is one fused loop over the packed bytes; in eager,
+        products of ``q * scale`` and ``p * scale`` with the unpacked levels. No key or value is dequantized.
+        Many queries at once (a prefill longer than a group) attend through :meth:`tensors`, then cheaper."""
         config = self.config
         if not self.quantized_tokens or queries.shape[1] // self._heads() * queries.shape[2] > config.group_size:
             return super().attend(queries, scale, mask)
         window_keys, window_values = self.window_keys.float(), self.window_values.float()
-        quantized = self.quantized_tokens
+        quantized, heads = self.quantized_tokens, self._heads()
+        if self.compile_attention and _COMPILED.failed is None and self._whole_bytes():
+            key_bytes, value_bytes = (self._token_bytes(stored["levels"]) for stored in (self.keys, self.values))
+            key_scale, key_offset = self.keys["scale"].tensor(), self.keys["offset"].tensor()
+            value_scale, value_offset = self.values["scale"].tensor(), self.values["offset"].tensor()
+
+            def scores(q):
+                coded = _COMPILED(_coded_scores, q, key_bytes, key_scale, key_offset, config.key_bits)
+                coded = _coded_scores(q, key_bytes, key_scale, key_offset, config.key_bits) if coded is None else coded
+                return torch.cat([coded, q @ window_keys.transpose(-1, -2)], -1)
+
+            def mix(p):
+                coded, recent = p[..., :quantized].contiguous(), p[..., quantized:]
+                out = _COMPILED(_coded_mix, coded, value_bytes, value_scale, value_offset, config.value_bits)
+                if out is None:
+                    out = _coded_mix(coded, value_bytes, value_scale, value_offset, config.value_bits)
+                return out + recent @ window_values
+
+            return attention(queries, scores, mix, heads, scale, mask)
         key_levels = self.keys["levels"].codes(torch.uint8).float()  # (B, H, T, D)
         key_scale, key_offset = self.keys["scale"].tensor().float(), self.keys["offset"].tensor().float()
         value_levels = self.values["levels"].codes(torch.uint8).float()
@@ -140,6 +205,19 @@ class KIVILayerCache(LayerCache):
             return torch.cat(parts, -1) + offsets + recent @ window_values
 
         return attention(queries, scores, mix, heads, scale, mask)
+
+    def _whole_bytes(self) -> bool:
+        """Whether every quantized token's levels are whole bytes of whole codes (what the fused loops read)."""
+        dim, config = self.layout[2], self.config
+        return all(
+            bits in (1, 2, 4, 8) and dim * bits % 8 == 0 and stored["levels"].tail is None
+            for bits, stored in ((config.key_bits, self.keys), (config.value_bits, self.values))
+        )
+
+    def _token_bytes(self, levels: PackedTokens) -> torch.Tensor:
+        """The packed levels as (B, H, T, bytes of a token): a view of the octets' storage."""
+        octets = levels.octets.tensor()
+        return octets.reshape(*octets.shape[:2], -1, octets.shape[-1] // 8)
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of tokens (B, H, n * group_size, D) and append their codes."""

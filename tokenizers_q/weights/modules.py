@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.compiled import Compiled
 from tokenizers_q.weights.config import WeightQuantConfig
 from tokenizers_q.weights.kernels import kernel_layout, layout_linear, layout_of, to_layout
 
@@ -24,37 +23,8 @@ def _vector_product(config: WeightQuantConfig, tensors: dict, shape: tuple[int, 
     return config.vector_product(tensors, shape, x)
 
 
-class _Compiled:
-    """``torch.compile`` of the dequantizing paths, made on first use, one graph per method and shape (dynamic
-    shapes ran 3-bit grids 10x slower); if compiling fails (no C++ compiler, an unsupported device) a warning
-    says why and the eager paths run from then on."""
-
-    #: graphs a compiled function may keep: every method and layer shape of a model. Raised (never lowered) in
-    #: ``torch._dynamo.config`` on first use: dynamo's default, 8, would leave the others eager.
-    RECOMPILE_LIMIT = 256
-
-    def __init__(self):
-        self.failed: str | None = None
-        self.functions: dict = {}
-
-    def __call__(self, function, *args):
-        if self.failed is not None:
-            return None
-        if function not in self.functions:
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, self.RECOMPILE_LIMIT)
-            self.functions[function] = torch.compile(function, dynamic=False)
-        try:
-            return self.functions[function](*args)
-        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, OSError) as err:
-            self.failed = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"torch.compile of quantized matmuls failed; eager dequantization from now on: {err}", stacklevel=3
-            )
-            return None
-
-
-_COMPILED = _Compiled()
+# one graph per method and shape: dynamic shapes ran 3-bit grids 10x slower
+_COMPILED = Compiled("quantized matmuls", dynamic=False)
 
 
 class QuantizedWeight(nn.Module):
