@@ -6,7 +6,7 @@
 
 For each prompt length (standard-library Python source, batch 1) and cache: the prompt is read in chunks
 of ``--chunk`` tokens, each attending to the cache of all earlier ones (its perplexity: what the cache's
-compression of the past costs), then ``--new-tokens`` tokens are decoded greedily one at a time.
+compression of the past costs), then ``--new-tokens`` tokens are decoded greedily one at a time (after one untimed step, which compiles).
 Columns: the bytes of every tensor the cache holds at the end (measured: ``held_bytes`` over the cache
 object; codebooks shared by every sequence left out and listed), what the cache counts (``stored_bits``),
 both against a float16 cache of the same tokens, decode tokens/s and their ratio to transformers'
@@ -87,6 +87,8 @@ def serve(model, prompt: torch.Tensor, cache, new_tokens: int, chunk: int) -> tu
         out = model(prompt[None, start : start + chunk], past_key_values=cache, use_cache=True)
         logits.append(out.logits[0].float())
     nll = torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], prompt[1:]).item()
+    token = out.logits[0, -1].argmax()[None, None]
+    out = model(token, past_key_values=cache, use_cache=True)  # not timed: the first step may compile
     token = out.logits[0, -1].argmax()[None, None]
     start = time.perf_counter()
     for _ in range(new_tokens):
