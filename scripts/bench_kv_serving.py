@@ -6,7 +6,8 @@
 
 For each prompt length (standard-library Python source, batch 1) and cache: the prompt is read in chunks
 of ``--chunk`` tokens, each attending to the cache of all earlier ones (its perplexity: what the cache's
-compression of the past costs), then ``--new-tokens`` tokens are decoded greedily one at a time (after one untimed step, which compiles).
+compression of the past costs), then ``--new-tokens`` tokens are decoded greedily one at a time (after one
+untimed step, which compiles).
 Columns: the bytes of every tensor the cache holds at the end (measured: ``held_bytes`` over the cache
 object; codebooks shared by every sequence left out and listed), what the cache counts (``stored_bits``),
 both against a float16 cache of the same tokens, decode tokens/s and their ratio to transformers'
