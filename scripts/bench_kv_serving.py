@@ -126,7 +126,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         prompt = stdlib_tokens(tokenizer, 100, 1, length)[0]
-        tokens = length + args.new_tokens
+        tokens = length + args.new_tokens + 1  # the prompt, the untimed step and the timed ones
         fp16 = 2 * layers * heads * head_dim * tokens * 2  # bytes of a float16 cache of these tokens
         reference = None
         for method in args.methods:
