@@ -245,6 +245,12 @@ def unpack_codes(
     return codes
 
 
+def planes_per_group(bits: int) -> int:
+    """The planes :func:`code_planes` cuts ``bits``-bit codes into: the codes of a byte at 1, 2, 4 and 8 bits,
+    else 8 (the codes of a group of ``bits`` bytes)."""
+    return 8 // bits if bits in (1, 2, 4, 8) else 8
+
+
 def code_planes(packed: torch.Tensor, bits: int, count: int) -> list[torch.Tensor]:
     """The ``count`` codes of a one-codebook :func:`pack_codes` stream of ``bits``-bit codes (1-16), as planes:
     plane ``j`` of ``P`` holds codes ``j, j + P, j + 2P, ...`` (``P = 8 // bits`` at 1, 2, 4 and 8 bits, where a
@@ -260,7 +266,7 @@ def code_planes(packed: torch.Tensor, bits: int, count: int) -> list[torch.Tenso
     """
     if not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"code planes take 1 to 16 bits per code, got {bits!r}")
-    per_group = 8 // bits if bits in (1, 2, 4, 8) else 8
+    per_group = planes_per_group(bits)
     if count % per_group or packed.dtype != torch.uint8 or packed.shape != (count * bits // 8,):
         raise ValueError(
             f"code planes need a multiple of {per_group} codes of {bits} bits in a 1-D uint8 tensor of "

@@ -17,8 +17,8 @@ import torch
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.kv.buffer import PackedTokens
-from tokenizers_q.kv.cache import LayerCache, attention, check_kv
-from tokenizers_q.kv.tables import CodewordTables, table_mix, table_scores
+from tokenizers_q.kv.cache import LayerCache, check_kv
+from tokenizers_q.kv.tables import CodewordTables, table_attention, tables_pay
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.search import nearest
 
@@ -163,19 +163,12 @@ class CQLayerCache(LayerCache):
         or value is made. Many queries at once (a prefill) attend through :meth:`tensors`, which is then
         cheaper."""
         heads, groups, _, channels = self.codebooks.keys.shape
-        if queries.shape[1] // heads * queries.shape[2] * groups > self.layout[2]:
+        if not tables_pay(queries, heads, groups):
             return super().attend(queries, scale, mask)
-        key_codes, value_codes = (stored.codes() for stored in self.codes)
+        codes = tuple(stored.codes() for stored in self.codes)
         offsets = tuple(range(0, groups * channels, channels))
-        key_tables, value_tables = (
+        tables = tuple(
             CodewordTables(book.new_zeros(heads, groups * channels), book, offsets)
-            for book in self._books(key_codes.device)
+            for book in self._books(codes[0].device)
         )
-        return attention(
-            queries,
-            lambda q: table_scores(q, key_codes, key_tables),
-            lambda p: table_mix(p, value_codes, value_tables, groups * channels),
-            heads,
-            scale,
-            mask,
-        )
+        return table_attention(queries, codes, tables, heads, scale, mask)

@@ -10,7 +10,7 @@ from tokenizers_q.compiled import Compiled
 from tokenizers_q.grids import quantize_grid
 from tokenizers_q.kv.buffer import PackedTokens, TokenBuffer
 from tokenizers_q.kv.cache import LayerCache, attention
-from tokenizers_q.packing import TokenSpec
+from tokenizers_q.packing import TokenSpec, code_planes
 
 # the token count grows every step: one graph for every length
 _COMPILED = Compiled("attention from KIVI codes", dynamic=True)
@@ -18,11 +18,9 @@ _COMPILED = Compiled("attention from KIVI codes", dynamic=True)
 
 def _levels(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Levels (B, H, T, D) as floats from a token's bytes (B, H, T, D * bits / 8), for 1, 2, 4 or 8 bits: a
-    byte's codes by shifts (planes), which the compiler fuses into the products that read them."""
-    if bits == 8:
-        return packed.float()
-    planes = [(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)]
-    return torch.stack(planes, -1).reshape(*packed.shape[:-1], -1).float()
+    byte's codes as :func:`~tokenizers_q.packing.code_planes`, which the compiler fuses into the products."""
+    planes = code_planes(packed.reshape(-1), bits, packed.numel() * 8 // bits)
+    return torch.stack([p.reshape(packed.shape) for p in planes], -1).reshape(*packed.shape[:-1], -1).float()
 
 
 def _coded_scores(queries, key_bytes, key_scale, key_offset, bits: int):

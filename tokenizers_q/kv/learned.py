@@ -7,8 +7,8 @@ import torch
 from tokenizers_q.checks import check_finite
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kv.buffer import PackedTokens
-from tokenizers_q.kv.cache import LayerCache, attention
-from tokenizers_q.kv.tables import quantizer_tables, table_mix, table_scores
+from tokenizers_q.kv.cache import LayerCache
+from tokenizers_q.kv.tables import quantizer_tables, table_attention, tables_pay
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
 
@@ -88,19 +88,9 @@ class QuantizerLayerCache(LayerCache):
         """Attention from the codes through tables of ``q . codeword`` (:mod:`tokenizers_q.kv.tables`) where the
         quantizers decode to sums over their codebooks (VQ, RVQ, PQ); through :meth:`tensors` for others, and
         for many queries at once (a prefill)."""
-        key_tables, value_tables = (quantizer_tables(q, q.dim) for q in self.quantizers)
+        tables = tuple(quantizer_tables(q, q.dim) for q in self.quantizers)
         heads = self._heads()
-        if key_tables is None or value_tables is None:
+        if None in tables or not tables_pay(queries, heads, max(t.tables.shape[1] for t in tables)):
             return super().attend(queries, scale, mask)
-        codebooks = max(key_tables.tables.shape[1], value_tables.tables.shape[1])
-        if queries.shape[1] // heads * queries.shape[2] * codebooks > self.layout[2]:
-            return super().attend(queries, scale, mask)
-        key_codes, value_codes = (stored.codes() for stored in self.codes)
-        return attention(
-            queries,
-            lambda q: table_scores(q, key_codes, key_tables),
-            lambda p: table_mix(p, value_codes, value_tables, self.layout[2]),
-            heads,
-            scale,
-            mask,
-        )
+        codes = tuple(stored.codes() for stored in self.codes)
+        return table_attention(queries, codes, tables, heads, scale, mask)

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from tokenizers_q.kv.cache import attention
+
 MAX_ENTRIES = 4096  # larger codebooks (FSQ / BSQ over many levels) attend through their decoded vectors
 
 
@@ -90,6 +92,33 @@ def quantizer_tables(quantizer: torch.nn.Module, dim: int) -> CodewordTables | N
     if known is None or known[0] != state:
         known = _TABLES[quantizer] = (state, _read_tables(quantizer, dim))
     return known[1]
+
+
+def tables_pay(queries: torch.Tensor, heads: int, codebooks: int) -> bool:
+    """Whether lookups cost less than dequantizing for these queries: query rows per key/value head times
+    codebooks below head_dim (a decode step, not a prefill)."""
+    return queries.shape[1] // heads * queries.shape[2] * codebooks <= queries.shape[-1]
+
+
+def table_attention(
+    queries: torch.Tensor,
+    codes: tuple[torch.Tensor, torch.Tensor],
+    tables: tuple[CodewordTables, CodewordTables],
+    heads: int,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`~tokenizers_q.kv.cache.attention` of coded keys and values (each (B, H, T, M) int64) through their
+    tables: scores by :func:`table_scores`, values by :func:`table_mix`."""
+    (key_codes, value_codes), (key_tables, value_tables) = codes, tables
+    return attention(
+        queries,
+        lambda q: table_scores(q, key_codes, key_tables),
+        lambda p: table_mix(p, value_codes, value_tables, queries.shape[-1]),
+        heads,
+        scale,
+        mask,
+    )
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from tokenizers_q.checks import check_finite
-from tokenizers_q.packing import TokenSpec, code_planes, pack_codes, unpack_codes
+from tokenizers_q.packing import TokenSpec, code_planes, pack_codes, planes_per_group, unpack_codes
 
 _CONFIGS: dict[str, type[WeightQuantConfig]] = {}
 
@@ -133,8 +133,7 @@ def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _planes_fit(bits: int, shape: tuple[int, ...]) -> bool:
     """Whether :func:`code_planes` can cut each row of ``shape`` into whole planes (and is worth it: traced)."""
-    per_group = 8 // bits if bits in (1, 2, 4, 8) else 8
-    return torch.compiler.is_compiling() and math.prod(shape[1:]) % per_group == 0
+    return torch.compiler.is_compiling() and math.prod(shape[1:]) % planes_per_group(bits) == 0
 
 
 def unpack_levels(
