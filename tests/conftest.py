@@ -82,10 +82,9 @@ def kind(request):
 
 @pytest.fixture(autouse=True)
 def eager_fused_loops(monkeypatch):
-    """Quantized layers dequantize, and KIVI caches attend, in eager here (compiling each test's shapes would
-    take minutes); the tests of the compiled paths turn them back on for their objects."""
-    from tokenizers_q.kv import KIVILayerCache
+    """Quantized layers dequantize in eager here (compiling each test's shapes would take minutes); the tests
+    of the compiled paths turn it back on for their objects. KV caches attend through their C++ loops (built
+    once per machine)."""
     from tokenizers_q.weights.modules import QuantizedLinear
 
     monkeypatch.setattr(QuantizedLinear, "compile_dequantize", False)
-    monkeypatch.setattr(KIVILayerCache, "compile_attention", False)

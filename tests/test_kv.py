@@ -393,9 +393,15 @@ def attention_caches():
 FROM_CODES = {"kivi-2", "kivi-4", "cq-2", "vq-256", "rvq", "pq"}
 
 
+@pytest.mark.parametrize("path", ["loops", "torch ops"])
 @pytest.mark.parametrize("index", range(9), ids=[name for name, _, _ in attention_caches()])
-def test_attention_from_codes_equals_attention_over_the_dequantized_tensors(index, monkeypatch):
+def test_attention_from_codes_equals_attention_over_the_dequantized_tensors(index, path, monkeypatch):
+    from tokenizers_q.kv import loops
+
     name, cache, _ = attention_caches()[index]
+    if path == "torch ops":  # without the C++ loops (no compiler): gathers and products in eager torch
+        monkeypatch.setitem(loops._BUILT, "module", None)
+        monkeypatch.setattr(KIVILayerCache, "fused_attention", False)
     keys, values = correlated_kv(300, seed=1, dim=64)
     cache.append(keys[:, :, :299], values[:, :, :299])
     g = torch.Generator().manual_seed(2)
@@ -403,11 +409,11 @@ def test_attention_from_codes_equals_attention_over_the_dequantized_tensors(inde
     expected = reference_attention(cache, queries)
     mask = torch.rand(1, 6, 1, 299, generator=g) > 0.3  # some tokens hidden from some heads
     expected_masked = reference_attention(cache, queries, mask)
-    if name in FROM_CODES:  # the codes are read, never the dequantized tensors
-        monkeypatch.setattr(cache, "tensors", lambda *a: pytest.fail(f"{name} made its tensors to attend"))
-    torch.testing.assert_close(cache.attend(queries), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cache.attend(queries, mask=mask), expected_masked, rtol=1e-4, atol=1e-5)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        if name in FROM_CODES:  # the codes are read, never the dequantized tensors
+            patch.setattr(cache, "tensors", lambda *a: pytest.fail(f"{name} made its tensors to attend"))
+        torch.testing.assert_close(cache.attend(queries), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.attend(queries, mask=mask), expected_masked, rtol=1e-4, atol=1e-5)
     cache.append(keys[:, :, 299:], values[:, :, 299:])
     prefill = torch.randn(1, 2, 40, 64, generator=g)  # many queries, causal: through the tensors
     causal = torch.ones(40, 300, dtype=torch.bool).tril(260)
@@ -489,9 +495,11 @@ def test_calibrations_save_and_load_as_caches_that_store_the_same_codes(tmp_path
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_compiled_kivi_attention_equals_attention_over_the_dequantized_tensors(bits):
+def test_compiled_kivi_attention_equals_attention_over_the_dequantized_tensors(bits, monkeypatch):
+    from tokenizers_q.kv import loops
+
+    monkeypatch.setitem(loops._BUILT, "module", None)  # off the CPU loops' path: torch.compile
     cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=32, residual=32, window_dtype=torch.float16))
-    cache.compile_attention = True
     keys, values = correlated_kv(300, seed=1, dim=64)
     g = torch.Generator().manual_seed(2)
     for count in (200, 1, 40):  # the token count changes between calls: one graph serves them

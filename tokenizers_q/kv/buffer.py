@@ -105,6 +105,19 @@ class PackedTokens:
         keep = rest.shape[2] or not self.octets.length  # (an empty tail gives the shape of no tokens yet)
         self.tail = rest.to(code_dtype(max(self.spec.bits))).clone() if keep else None
 
+    def packed_rows(self) -> tuple[torch.Tensor, int] | None:
+        """The whole octets' codes as they are stored, one row of bytes per (batch, head), and their width:
+        row ``(b, h)`` is the least-significant-bit-first stream of ``8 x octets x width`` codes (a view).
+        None when no octet is full or the codebooks differ in bits.
+
+        Shapes:
+            - output: (B, H, octets x bytes of 8 tokens) uint8
+        """
+        if not self.octets.length or self.stream.num_codebooks != 1:
+            return None
+        octets = self.octets.tensor()
+        return octets.reshape(*octets.shape[:2], -1), self.stream.bits[0]
+
     def codes(self, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Every appended token's codes (B, H, T, width), unpacked (a new tensor)."""
         parts = []

@@ -165,10 +165,9 @@ class CQLayerCache(LayerCache):
         heads, groups, _, channels = self.codebooks.keys.shape
         if not tables_pay(queries, heads, groups):
             return super().attend(queries, scale, mask)
-        codes = tuple(stored.codes() for stored in self.codes)
         offsets = tuple(range(0, groups * channels, channels))
         tables = tuple(
             CodewordTables(book.new_zeros(heads, groups * channels), book, offsets)
-            for book in self._books(codes[0].device)
+            for book in self._books(queries.device)
         )
-        return table_attention(queries, codes, tables, heads, scale, mask)
+        return table_attention(queries, self.codes, tables, heads, scale, mask)

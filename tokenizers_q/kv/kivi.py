@@ -8,12 +8,21 @@ import torch
 
 from tokenizers_q.compiled import Compiled
 from tokenizers_q.grids import quantize_grid
+from tokenizers_q.kv import loops
 from tokenizers_q.kv.buffer import PackedTokens, TokenBuffer
 from tokenizers_q.kv.cache import LayerCache, attention
 from tokenizers_q.packing import TokenSpec, code_planes
 
-# the token count grows every step: one graph for every length
+# off the CPU (the C++ loops' home); the token count grows every step: one graph for every length
 _COMPILED = Compiled("attention from KIVI codes", dynamic=True)
+
+
+def _fused(loop, function, *args):
+    """``function(*args)`` by the C++ loop on the CPU, else compiled, else (neither available) in eager."""
+    out = loop(*args)
+    if out is None:
+        out = _COMPILED(function, *args)
+    return function(*args) if out is None else out
 
 
 def _levels(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,8 +113,9 @@ class KIVILayerCache(LayerCache):
     nothing of that, :meth:`attend` reads the codes.
     """
 
-    #: attend under ``torch.compile`` (set False on a cache, or on the class, to stay eager)
-    compile_attention: bool = True
+    #: attend through fused loops over the packed bytes (C++ on the CPU, ``torch.compile`` elsewhere); set
+    #: False on a cache, or on the class, for products with the unpacked levels in eager torch
+    fused_attention: bool = True
 
     def __init__(self, config: KIVIConfig):
         super().__init__()
@@ -151,30 +161,29 @@ class KIVILayerCache(LayerCache):
 
     def attend(self, queries, scale=None, mask=None):
         """Attention from the codes: per group of tokens, ``q . k = (q * scale) . levels + q . offset``; values
-        per token ``sum_t p_t (scale_t levels_t + offset_t)``. Under ``torch.compile``
-        (:attr:`compile_attention`, 1, 2, 4 or 8 bits) each is one fused loop over the packed bytes; in eager,
-        products of ``q * scale`` and ``p * scale`` with the unpacked levels. No key or value is dequantized.
-        Many queries at once (a prefill longer than a group) attend through :meth:`tensors`, then cheaper."""
+        per token ``sum_t p_t (scale_t levels_t + offset_t)``. With :attr:`fused_attention` (1, 2, 4 or 8 bits)
+        each is one loop over the packed bytes (:mod:`tokenizers_q.kv.loops` on the CPU, ``torch.compile``
+        elsewhere); else products of ``q * scale`` and ``p * scale`` with the unpacked levels. No key or value
+        is dequantized. Many queries at once (a prefill longer than a group) attend through :meth:`tensors`,
+        then cheaper."""
         config = self.config
         if not self.quantized_tokens or queries.shape[1] // self._heads() * queries.shape[2] > config.group_size:
             return super().attend(queries, scale, mask)
         window_keys, window_values = self.window_keys.float(), self.window_values.float()
         quantized, heads = self.quantized_tokens, self._heads()
-        if self.compile_attention and _COMPILED.failed is None and self._whole_bytes():
+        if self.fused_attention and self._whole_bytes():
             key_bytes, value_bytes = (self._token_bytes(stored["levels"]) for stored in (self.keys, self.values))
             key_scale, key_offset = self.keys["scale"].tensor(), self.keys["offset"].tensor()
             value_scale, value_offset = self.values["scale"].tensor(), self.values["offset"].tensor()
+            value_bits = config.value_bits
 
             def scores(q):
-                coded = _COMPILED(_coded_scores, q, key_bytes, key_scale, key_offset, config.key_bits)
-                coded = _coded_scores(q, key_bytes, key_scale, key_offset, config.key_bits) if coded is None else coded
+                coded = _fused(loops.kivi_scores, _coded_scores, q, key_bytes, key_scale, key_offset, config.key_bits)
                 return torch.cat([coded, q @ window_keys.transpose(-1, -2)], -1)
 
             def mix(p):
                 coded, recent = p[..., :quantized].contiguous(), p[..., quantized:]
-                out = _COMPILED(_coded_mix, coded, value_bytes, value_scale, value_offset, config.value_bits)
-                if out is None:
-                    out = _coded_mix(coded, value_bytes, value_scale, value_offset, config.value_bits)
+                out = _fused(loops.kivi_mix, _coded_mix, coded, value_bytes, value_scale, value_offset, value_bits)
                 return out + recent @ window_values
 
             return attention(queries, scores, mix, heads, scale, mask)

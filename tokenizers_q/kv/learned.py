@@ -92,5 +92,4 @@ class QuantizerLayerCache(LayerCache):
         heads = self._heads()
         if None in tables or not tables_pay(queries, heads, max(t.tables.shape[1] for t in tables)):
             return super().attend(queries, scale, mask)
-        codes = tuple(stored.codes() for stored in self.codes)
-        return table_attention(queries, codes, tables, heads, scale, mask)
+        return table_attention(queries, self.codes, tables, heads, scale, mask)

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from tokenizers_q.kv import loops
+from tokenizers_q.kv.buffer import PackedTokens
 from tokenizers_q.kv.cache import attention
 
 MAX_ENTRIES = 4096  # larger codebooks (FSQ / BSQ over many levels) attend through their decoded vectors
@@ -40,11 +42,22 @@ def _flat_codes(codes: torch.Tensor, entries: int) -> torch.Tensor:
     return (codes + book).reshape(*codes.shape[:2], -1)
 
 
-def table_scores(queries: torch.Tensor, codes: torch.Tensor, tables: CodewordTables) -> torch.Tensor:
-    """``q . k`` for every query and coded token.
+def _split(codes: PackedTokens, tokens_dim: torch.Tensor):
+    """The C++ loops and the packed rows of the whole octets when both serve, and the codes (B, H, T', M)
+    int64 that torch ops read: the tail, or all of them."""
+    rows = codes.packed_rows()
+    extension = None if rows is None else loops.cpu_loops(rows[0], tokens_dim)
+    if extension is None:
+        return None, codes.codes()
+    return (extension, *rows), None if codes.tail is None else codes.tail.long()
+
+
+def table_scores(queries: torch.Tensor, codes: PackedTokens, tables: CodewordTables) -> torch.Tensor:
+    """``q . k`` for every query and coded token: per token, the sum over codebooks of the table entry its
+    code picks (C++ loops over the packed codes on the CPU; gathers elsewhere and for the unpacked tail).
 
     Shapes:
-        - queries: (B, H, Q, D) float32; codes: (B, H, T, M) int64
+        - queries: (B, H, Q, D) float32; codes: (B, H, T, M)
         - output: (B, H, Q, T)
     """
     base, books, offsets = tables
@@ -52,25 +65,40 @@ def table_scores(queries: torch.Tensor, codes: torch.Tensor, tables: CodewordTab
     width, entries = books.shape[-1], books.shape[-2]
     parts = torch.stack([queries[..., o : o + width] for o in offsets], -2)  # (B, H, Q, M, width)
     lookup = torch.einsum("bhqmw,hmkw->bhqmk", parts, books.expand(heads, -1, -1, -1))
-    index = _flat_codes(codes, entries)[:, :, None].expand(-1, -1, count, -1)  # (B, H, Q, T * M)
-    picked = lookup.reshape(batch, heads, count, -1).gather(-1, index)
-    scores = picked.reshape(batch, heads, count, codes.shape[2], -1).sum(-1)
+    packed, rest = _split(codes, queries)
+    scores = []
+    if packed is not None:
+        extension, rows, bits = packed
+        scores.append(extension.code_scores(lookup, rows, bits, 8 * codes.octets.length))
+    if rest is not None:
+        index = _flat_codes(rest, entries)[:, :, None].expand(-1, -1, count, -1)  # (B, H, Q, T' * M)
+        picked = lookup.reshape(batch, heads, count, -1).gather(-1, index)
+        scores.append(picked.reshape(batch, heads, count, rest.shape[2], -1).sum(-1))
+    scores = scores[0] if len(scores) == 1 else torch.cat(scores, -1)
     return scores + (queries * base[None, :, None]).sum(-1, keepdim=True)
 
 
-def table_mix(probs: torch.Tensor, codes: torch.Tensor, tables: CodewordTables, dim: int) -> torch.Tensor:
-    """``sum_t p_t v_t`` for coded values: the mass of each codebook entry, then one product per codebook.
+def table_mix(probs: torch.Tensor, codes: PackedTokens, tables: CodewordTables, dim: int) -> torch.Tensor:
+    """``sum_t p_t v_t`` for coded values: the mass of each codebook entry (C++ loops over the packed codes
+    on the CPU; a scatter elsewhere and for the unpacked tail), then one product per codebook.
 
     Shapes:
-        - probs: (B, H, Q, T) float32; codes: (B, H, T, M) int64
+        - probs: (B, H, Q, T) float32; codes: (B, H, T, M)
         - output: (B, H, Q, D)
     """
     base, books, offsets = tables
     batch, heads, count, tokens = probs.shape
     codebooks, entries, width = books.shape[1:]
-    index = _flat_codes(codes, entries)[:, :, None].expand(-1, -1, count, -1)
+    packed, rest = _split(codes, probs)
     mass = probs.new_zeros(batch, heads, count, codebooks * entries)
-    mass.scatter_add_(-1, index, probs[..., None].expand(-1, -1, -1, -1, codebooks).reshape(batch, heads, count, -1))
+    if packed is not None:
+        extension, rows, bits = packed
+        whole = 8 * codes.octets.length
+        mass += extension.code_mass(probs[..., :whole], rows, bits, codebooks, entries).reshape(mass.shape)
+    if rest is not None:
+        index = _flat_codes(rest, entries)[:, :, None].expand(-1, -1, count, -1)
+        tail = probs[..., tokens - rest.shape[2] :, None].expand(-1, -1, -1, -1, codebooks)
+        mass.scatter_add_(-1, index, tail.reshape(batch, heads, count, -1))
     mass = mass.reshape(batch, heads, count, codebooks, entries)
     parts = torch.einsum("bhqmk,hmkw->bhqmw", mass, books.expand(heads, -1, -1, -1))
     out = probs.sum(-1, keepdim=True) * base[None, :, None]
@@ -102,14 +130,14 @@ def tables_pay(queries: torch.Tensor, heads: int, codebooks: int) -> bool:
 
 def table_attention(
     queries: torch.Tensor,
-    codes: tuple[torch.Tensor, torch.Tensor],
+    codes: tuple[PackedTokens, PackedTokens],
     tables: tuple[CodewordTables, CodewordTables],
     heads: int,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`~tokenizers_q.kv.cache.attention` of coded keys and values (each (B, H, T, M) int64) through their
-    tables: scores by :func:`table_scores`, values by :func:`table_mix`."""
+    """:func:`~tokenizers_q.kv.cache.attention` of coded keys and values (each (B, H, T, M) packed) through
+    their tables: scores by :func:`table_scores`, values by :func:`table_mix`."""
     (key_codes, value_codes), (key_tables, value_tables) = codes, tables
     return attention(
         queries,
