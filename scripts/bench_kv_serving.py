@@ -38,7 +38,7 @@ from tokenizers_q.kv.hf import hf_cache, use_code_attention
 from tokenizers_q.memory import held_bytes
 from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
-METHODS = ("dynamic", "quanto-4", "quanto-2", "kivi-4", "kivi-2", "cq-2", "rvq-2")
+METHODS = ("dynamic", "quanto-4", "quanto-2", "kivi-4", "kivi-2", "kivi-2-w32", "cq-2", "rvq-2")
 
 
 def calibrated(calibration: dict, num_layers: int, head_dim: int, methods: list[str]) -> dict:
@@ -67,9 +67,10 @@ def make_cache(method: str, model, shared: dict):
         bits = int(method.split("-")[1])
         cache = QuantizedCache("quanto", model.config, nbits=bits, q_group_size=64, residual_length=128)
         return cache, []
-    if method.startswith("kivi-"):
-        bits = int(method.split("-")[1])
-        config = KIVIConfig(bits, bits, group_size=32, residual=128, window_dtype=torch.float16)
+    if method.startswith("kivi-"):  # kivi-<bits>[-w<float16 window>]
+        bits, *window = method.split("-")[1:]
+        window = int(window[0][1:]) if window else 128
+        config = KIVIConfig(int(bits), int(bits), group_size=32, residual=window, window_dtype=torch.float16)
         return hf_cache(layers, config.make_layer, attend_from_codes=True), []
     if method == "cq-2":
         books = shared["cq-2"]

@@ -42,6 +42,14 @@ def _flat_codes(codes: torch.Tensor, entries: int) -> torch.Tensor:
     return (codes + book).reshape(*codes.shape[:2], -1)
 
 
+def _per_head(equation: str, x: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """``einsum(equation, x, books)``; codebooks shared by every head (``books`` (1, ...)) are not copied per
+    head."""
+    if books.shape[0] == 1:
+        return torch.einsum(equation.replace(",h", ","), x, books[0])
+    return torch.einsum(equation, x, books)
+
+
 def _split(codes: PackedTokens, tokens_dim: torch.Tensor):
     """The C++ loops and the packed rows of the whole octets when both serve, and the codes (B, H, T', M)
     int64 that torch ops read: the tail, or all of them."""
@@ -64,7 +72,7 @@ def table_scores(queries: torch.Tensor, codes: PackedTokens, tables: CodewordTab
     batch, heads, count, _ = queries.shape
     width, entries = books.shape[-1], books.shape[-2]
     parts = torch.stack([queries[..., o : o + width] for o in offsets], -2)  # (B, H, Q, M, width)
-    lookup = torch.einsum("bhqmw,hmkw->bhqmk", parts, books.expand(heads, -1, -1, -1))
+    lookup = _per_head("bhqmw,hmkw->bhqmk", parts, books)
     packed, rest = _split(codes, queries)
     scores = []
     if packed is not None:
@@ -100,7 +108,7 @@ def table_mix(probs: torch.Tensor, codes: PackedTokens, tables: CodewordTables, 
         tail = probs[..., tokens - rest.shape[2] :, None].expand(-1, -1, -1, -1, codebooks)
         mass.scatter_add_(-1, index, tail.reshape(batch, heads, count, -1))
     mass = mass.reshape(batch, heads, count, codebooks, entries)
-    parts = torch.einsum("bhqmk,hmkw->bhqmw", mass, books.expand(heads, -1, -1, -1))
+    parts = _per_head("bhqmk,hmkw->bhqmw", mass, books)
     out = probs.sum(-1, keepdim=True) * base[None, :, None]
     for m, offset in enumerate(offsets):
         out[..., offset : offset + width] += parts[..., m, :]
