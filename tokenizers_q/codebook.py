@@ -139,6 +139,10 @@ class Codebook(nn.Module):
         """Code vectors of ``indices``. Shapes: (*,) int64 -> (*, dim)."""
         return F.embedding(indices, self.codes)
 
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of the nearest codes, with no statistics. Shapes: (N, dim) float32 -> (N,) int64."""
+        return nearest(x, self.codes.detach(), self.metric, self.max_elements, check_values=False)[0]
+
     def forward(self, x: torch.Tensor, update: bool = False) -> CodebookOutput:
         """Assign each row of ``x`` to its nearest code.
 
@@ -153,7 +157,7 @@ class Codebook(nn.Module):
         update = update and (x.shape[0] > 0 or is_distributed())
         if update and not self._initted:
             self._init_from(x.detach())
-        indices, _ = nearest(x.detach(), self.codes.detach(), self.metric, self.max_elements, check_values=False)
+        indices = self.assign(x.detach())
         quantized = self.lookup(indices)
         counts = code_counts(indices, self.codebook_size)
         if update:

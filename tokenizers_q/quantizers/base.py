@@ -192,8 +192,13 @@ class Quantizer(nn.Module):
             - output: (..., num_codebooks), int64
         """
         rows, lead = self._rows(x)
-        codes = self._forward_flat(rows, update=False).codes
+        codes = self._encode_flat(rows)
         return codes.reshape(*lead, codes.shape[-1])
+
+    def _encode_flat(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes (N, num_codebooks) of rows (N, dim): by default the forward pass's, without updates; quantizers
+        that can skip its losses and metrics override it."""
+        return self._forward_flat(z, update=False).codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Quantized vectors of ``codes``; raises on wrong dtype, shape or range.

@@ -72,6 +72,10 @@ class PQ(Quantizer):
             merge_metrics([o.metrics for o in outs]),
         )
 
+    def _encode_flat(self, z: torch.Tensor) -> torch.Tensor:
+        parts = z.split(self.group_dim, -1)
+        return torch.cat([group._encode_flat(part) for group, part in zip(self.groups, parts)], dim=-1)
+
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
         parts, start = [], 0
         for group in self.groups:

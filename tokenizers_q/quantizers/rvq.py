@@ -100,6 +100,13 @@ class RVQ(Quantizer):
         loss = torch.stack(losses).sum()
         return QuantizerOutput(self.project_out(total), torch.cat(codes, dim=-1), loss, merge_metrics(metrics))
 
+    def _encode_flat(self, z: torch.Tensor) -> torch.Tensor:
+        residual, codes = self.project_in(z), []
+        for layer in self.layers:
+            codes.append(layer._encode_flat(residual))
+            residual = residual - layer._decode_flat(codes[-1])
+        return torch.cat(codes, dim=-1)
+
     def _dropout_mask(self, z: torch.Tensor) -> torch.Tensor:
         """(N, num_quantizers) 0/1 mask keeping a random prefix of stages per vector."""
         low = self.quantize_dropout_cutoff_index + 1

@@ -127,5 +127,9 @@ class VQ(Quantizer):
         out = rotation_trick(h, q) if self.rotation_trick else straight_through(h, q)
         return QuantizerOutput(self.project_out(out), indices.unsqueeze(-1), loss, metrics)
 
+    def _encode_flat(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.project_in(z).float()
+        return self.codebook.assign(F.normalize(h, dim=-1) if self.use_cosine_sim else h).unsqueeze(-1)
+
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
         return self.project_out(self.codebook.lookup(codes[:, 0]))
