@@ -127,9 +127,9 @@ def cache_factory(method: str, calibration: dict | None, model, args):
     num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
     scalar = {
         "fp": None,
-        "int8": KIVIConfig(8, 8, group_size=32, residual=0),
-        "kivi-4": KIVIConfig(4, 4, group_size=32, residual=128, window_dtype=torch.float16),
-        "kivi-2": KIVIConfig(2, 2, group_size=32, residual=128, window_dtype=torch.float16),
+        "int8": KIVIConfig(8, 8, group_size=32, window=0),
+        "kivi-4": KIVIConfig(4, 4, group_size=32, window=128, window_dtype=torch.float16),
+        "kivi-2": KIVIConfig(2, 2, group_size=32, window=128, window_dtype=torch.float16),
     }
     if method in scalar:
         make = FullPrecisionLayerCache if method == "fp" else scalar[method].make_layer
@@ -142,7 +142,7 @@ def cache_factory(method: str, calibration: dict | None, model, args):
         return PreRoPELayerCache(DenseAndSparseLayerCache(cache, 1, **sparse), rotary) if pre_rope else cache
 
     if method == "kivi-2-pre":  # KVQuant's options on KIVI-2: keys before RoPE, sink, 1% sparse outliers
-        config = KIVIConfig(2, 2, group_size=32, residual=32, window_dtype=torch.float16)
+        config = KIVIConfig(2, 2, group_size=32, window=32, window_dtype=torch.float16)
         layer_kv = (calibration_kv(calibration, i, True)[:2] for i in range(num_layers))
         bounds = [[outlier_bounds(x, 0.01) for x in kv] for kv in layer_kv]
 
@@ -152,7 +152,7 @@ def cache_factory(method: str, calibration: dict | None, model, args):
         return make, 0
     if method.startswith("cq-"):
         bits = int(method.split("-")[1])
-        config = CQConfig(channels=8 // bits, bits=8, num_iters=args.kmeans_iters)
+        config = CQConfig(channels=8 // bits, bits=8, kmeans_iters=args.kmeans_iters)
         books = []
         for i in range(num_layers):
             keys, values, key_fisher, value_fisher = calibration_kv(calibration, i, pre_rope)

@@ -50,9 +50,9 @@ METHODS = {
     "int8": IntGridConfig(8, granularity="channel"),
     "nf4": NF4Config(64),
     "int3-g128-asym": IntGridConfig(3, group_size=128, symmetric=False),
-    "kmeans-3": KMeansConfig(3, num_iters=10),
+    "kmeans-3": KMeansConfig(3, kmeans_iters=10),
     "ternary": TernaryConfig(),
-    "vector-2": VectorCodebookConfig(dim=4, codebook_size=256, num_iters=5),
+    "vector-2": VectorCodebookConfig(dim=4, codebook_size=256, kmeans_iters=5),
 }
 
 

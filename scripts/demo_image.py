@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 from tokenizers_q.trainers.callbacks import run_dir
 from tokenizers_q.trainers.cli import lightning_cli
@@ -24,9 +23,9 @@ def main() -> None:
     parser.add_argument("--root", help="folder with the Fashion-MNIST IDX files (default: Debian's package)")
     args = parser.parse_args()
 
-    name = f"demo-{Path(args.config).stem}"
+    # the run goes where the config's logger says (runs/image-vq for vq.yaml), as the README's commands expect
     argv = ["fit", "--config", args.config, "--trainer.max_steps", str(args.max_steps)]
-    argv += ["--trainer.val_check_interval", str(max(1, args.max_steps // 3)), "--trainer.logger.init_args.name", name]
+    argv += ["--trainer.val_check_interval", str(max(1, args.max_steps // 3))]
     if args.root:
         argv += ["--data.init_args.root", args.root]
     start = time.perf_counter()

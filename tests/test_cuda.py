@@ -104,7 +104,7 @@ def test_quantized_layers_run_on_cuda_as_dequantize_then_matmul(method, compiled
     from tokenizers_q.weights import IntGridConfig, KMeansConfig, NF4Config, quantize_
     from tokenizers_q.weights.modules import QuantizedLinear
 
-    config = {"nf4": NF4Config(64), "int4": IntGridConfig(4), "kmeans": KMeansConfig(3, num_iters=3)}[method]
+    config = {"nf4": NF4Config(64), "int4": IntGridConfig(4), "kmeans": KMeansConfig(3, kmeans_iters=3)}[method]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 128)).eval().cuda()
     quantize_(model, config, progress=False, verbose=False)  # quantized on the device, held there

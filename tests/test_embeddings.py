@@ -54,7 +54,7 @@ def test_opq_and_beam_search_beat_their_plain_versions():
 def test_adc_search_equals_brute_force_on_decoded_vectors(method, metric, num_lists, monkeypatch):
     monkeypatch.setattr(codec_module, "SCORE_BUDGET", 2000)  # many database chunks per list, merged
     x, queries = mixture(), mixture(50, seed=1)
-    codec = EmbeddingCodec(32, method, 4, 6, metric=metric, num_lists=num_lists, num_iters=8, opq_iters=3).fit(x)
+    codec = EmbeddingCodec(32, method, 4, 6, metric=metric, num_lists=num_lists, kmeans_iters=8, opq_iters=3).fit(x)
     codec.add(x, batch_size=700)
     scores, ids = codec.search(queries, k=10, nprobe=num_lists)
     decoded = codec.decode(codec.database)

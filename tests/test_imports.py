@@ -20,3 +20,28 @@ def test_models_and_trainers_install_under_the_namespace():
 
     assert tokenizers_q.models.__name__ == "tokenizers_q.models"
     assert tokenizers_q.trainers.__name__ == "tokenizers_q.trainers"
+
+
+def test_tokq_help_lists_every_verb(capsys):
+    from tokenizers_q.trainers.cli import main
+
+    main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    for verb in ("fit", "validate", "test", "predict", "encode", "decode", "sample", "inspect", "export"):
+        assert verb in usage, (verb, usage)
+
+
+def test_configs_saved_under_earlier_argument_names_still_load():
+    import pytest
+
+    from tokenizers_q.files import current_arguments
+    from tokenizers_q.weights import KMeansConfig, NF4Config, WeightQuantConfig
+
+    with pytest.warns(
+        DeprecationWarning, match=r"a kmeans config was saved with renamed arguments \(num_iters -> kmeans_iters\)"
+    ):
+        config = WeightQuantConfig.from_dict({"method": "kmeans", "bits": 3, "num_iters": 7})
+    assert config == KMeansConfig(3, kmeans_iters=7)
+    with pytest.warns(DeprecationWarning, match="block_size -> group_size"):
+        assert WeightQuantConfig.from_dict({"method": "nf4", "block_size": 32}) == NF4Config(group_size=32)
+    assert current_arguments({"kmeans_iters": 3}, "x") == {"kmeans_iters": 3}  # current names: no warning

@@ -14,7 +14,7 @@ def _blobs(n_per=200, centers=None, noise=0.05, seed=0):
 def test_kmeanspp_recovers_separated_clusters():
     x, centers = _blobs()
     g = torch.Generator().manual_seed(1)
-    res = kmeans(x, 4, num_iters=20, generator=g)
+    res = kmeans(x, 4, kmeans_iters=20, generator=g)
     found = res.centroids[torch.cdist(centers, res.centroids).argmin(-1)]
     torch.testing.assert_close(found, centers, atol=0.05, rtol=0)
     assert res.cluster_weights.tolist() == [200.0] * 4
@@ -25,7 +25,7 @@ def test_kmeanspp_recovers_separated_clusters():
 
 def test_random_seeding_picks_distinct_data_points():
     x = torch.randn(50, 3)
-    res = kmeans(x, 10, num_iters=0, init="random", generator=torch.Generator().manual_seed(0))
+    res = kmeans(x, 10, kmeans_iters=0, init="random", generator=torch.Generator().manual_seed(0))
     matches = (res.centroids[:, None] == x[None]).all(-1)
     assert matches.any(-1).all() and matches.float().argmax(-1).unique().numel() == 10
 
@@ -41,7 +41,7 @@ def test_kmeanspp_beats_random_seeding_on_unbalanced_data():
 
 def test_weights_pull_centroids():
     x = torch.tensor([[0.0], [1.0]])
-    res = kmeans(x, 1, num_iters=3, weights=torch.tensor([3.0, 1.0]))
+    res = kmeans(x, 1, kmeans_iters=3, weights=torch.tensor([3.0, 1.0]))
     torch.testing.assert_close(res.centroids, torch.tensor([[0.25]]))
     assert res.cluster_weights.item() == 4.0
 
@@ -49,13 +49,13 @@ def test_weights_pull_centroids():
 def test_zero_weight_points_are_never_seeds():
     x = torch.cat([torch.zeros(5, 2), 100 + torch.randn(50, 2)])
     w = torch.cat([torch.zeros(5), torch.ones(50)])
-    res = kmeans(x, 3, num_iters=0, weights=w, generator=torch.Generator().manual_seed(0))
+    res = kmeans(x, 3, kmeans_iters=0, weights=w, generator=torch.Generator().manual_seed(0))
     assert (res.centroids > 50).all()
 
 
 def test_batched_equals_independent_problems():
     xs = torch.randn(3, 120, 4)
-    batched = kmeans(xs, 6, num_iters=5, generator=torch.Generator().manual_seed(0))
+    batched = kmeans(xs, 6, kmeans_iters=5, generator=torch.Generator().manual_seed(0))
     assert batched.centroids.shape == (3, 6, 4) and batched.assignments.shape == (3, 120)
     for b in range(3):
         # every problem is a fixed point of one more Lloyd step from its own centroids
@@ -79,10 +79,10 @@ def test_cosine_kmeans_gives_unit_centroids():
 
 def test_warm_start_continues_from_given_centroids():
     x, centers = _blobs()
-    kept = kmeans(x, 4, num_iters=0, init=centers)
+    kept = kmeans(x, 4, kmeans_iters=0, init=centers)
     torch.testing.assert_close(kept.centroids, centers)  # no iterations: the given centroids, assigned
     assert torch.equal(kept.assignments, torch.cdist(x, centers).argmin(-1))
-    moved = kmeans(x, 4, num_iters=3, init=centers + 0.5)
+    moved = kmeans(x, 4, kmeans_iters=3, init=centers + 0.5)
     torch.testing.assert_close(moved.centroids, centers, atol=0.05, rtol=0)  # Lloyd steps from the start point
     with pytest.raises(ValueError, match=r"initial centroids must have shape \(4, 2\), got \(3, 2\)"):
         kmeans(x, 4, init=centers[:3])

@@ -41,7 +41,7 @@ def test_full_precision_cache_returns_everything_and_counts_its_dtype():
 
 @pytest.mark.parametrize("bits, tolerance", [(8, 0.01), (4, 0.12), (2, 0.5)])
 def test_kivi_error_shrinks_with_bits_and_the_window_is_exact(bits, tolerance):
-    cache = KIVILayerCache(KIVIConfig(key_bits=bits, value_bits=bits, group_size=16, residual=16))
+    cache = KIVILayerCache(KIVIConfig(key_bits=bits, value_bits=bits, group_size=16, window=16))
     (keys, values), all_keys, all_values = feed(cache, 30)
     assert keys.shape == all_keys.shape == (1, 2, 70, 64)
     window = cache.window_keys.shape[2]
@@ -53,7 +53,7 @@ def test_kivi_error_shrinks_with_bits_and_the_window_is_exact(bits, tolerance):
 
 
 def test_kivi_is_append_only():
-    cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=8))
+    cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, window=8))
     (first_keys, _), _, _ = feed(cache, 0)
     levels, quantized = cache.keys["levels"].codes().clone(), cache.quantized_tokens
     (later_keys, _), _, _ = feed(cache, 0, seed=1)  # 40 more tokens through the same cache
@@ -62,7 +62,7 @@ def test_kivi_is_append_only():
 
 
 def test_kivi_bits_are_counted_exactly():
-    config = KIVIConfig(key_bits=2, value_bits=4, group_size=32, residual=32)
+    config = KIVIConfig(key_bits=2, value_bits=4, group_size=32, window=32)
     cache = KIVILayerCache(config)
     g = torch.Generator().manual_seed(0)
     cache.update(torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, 100, 64, generator=g))
@@ -75,7 +75,7 @@ def test_kivi_bits_are_counted_exactly():
 
 
 def test_kv_cache_makes_layers_on_demand_and_totals_bits():
-    cache = KVCache(KIVIConfig(key_bits=8, value_bits=8, group_size=4, residual=0).make_layer)
+    cache = KVCache(KIVIConfig(key_bits=8, value_bits=8, group_size=4, window=0).make_layer)
     for layer in range(3):
         cache[layer].update(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4))
     assert len(cache) == 3 and cache.num_tokens == 8
@@ -96,8 +96,8 @@ def test_bad_input_is_reported():
         cache.update(torch.randn(2, 1, 64), torch.randn(2, 1, 64))
     with pytest.raises(ValueError, match="key_bits must be an int in \\[1, 8\\], got 9"):
         KIVIConfig(key_bits=9)
-    with pytest.raises(ValueError, match="residual must be a non-negative int"):
-        KIVIConfig(residual=-1)
+    with pytest.raises(ValueError, match="window must be a non-negative int, got -1"):
+        KIVIConfig(window=-1)
 
 
 def test_hugging_face_generation_through_a_library_cache():
@@ -109,7 +109,7 @@ def test_hugging_face_generation_through_a_library_cache():
     ids = torch.randint(1, 128, (2, 40))
     options = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(ids)}
     reference = model.generate(ids, past_key_values=transformers.DynamicCache(), **options)
-    kivi8 = hf_cache(2, KIVIConfig(key_bits=8, value_bits=8, group_size=16, residual=16).make_layer)
+    kivi8 = hf_cache(2, KIVIConfig(key_bits=8, value_bits=8, group_size=16, window=16).make_layer)
     assert torch.equal(model.generate(ids, past_key_values=kivi8, **options), reference)
     assert kivi8.get_seq_length() == 40 + 12 - 1 and kivi8.layers[0].inner.quantized_tokens
     assert 8 < kivi8.bits_per_element() < 32
@@ -119,7 +119,7 @@ def test_hugging_face_generation_through_a_library_cache():
     torch.testing.assert_close((cos, sin), (want_cos, want_sin))
     pre_rope = hf_cache(2, lambda: PreRoPELayerCache(KIVIConfig(8, 8, 16, 16).make_layer(), rotary))
     assert torch.equal(model.generate(ids, past_key_values=pre_rope, **options), reference)
-    kivi1 = hf_cache(2, KIVIConfig(key_bits=1, value_bits=1, group_size=16, residual=0).make_layer)
+    kivi1 = hf_cache(2, KIVIConfig(key_bits=1, value_bits=1, group_size=16, window=0).make_layer)
     assert not torch.equal(model.generate(ids, past_key_values=kivi1, **options), reference)
     # 51 tokens: 48 in three 1-bit groups (+ 32 bits of scale and offset per 16 elements), 3 in the float32 window
     assert kivi1.bits_per_element() == pytest.approx((48 * (1 + 32 / 16) + 3 * 32) / 51)
@@ -145,7 +145,7 @@ def test_coupled_quantization_beats_per_channel_grids_at_equal_bits():
     keys, values = correlated_kv(64, seed=1)  # held out
     cq = CQLayerCache(codebooks)
     cq_keys, cq_values = cq.update(keys, values)
-    kivi = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=16, residual=0))
+    kivi = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=16, window=0))
     kivi_keys, kivi_values = kivi.update(keys, values)
     for got_cq, got_kivi, want in ((cq_keys, kivi_keys, keys), (cq_values, kivi_values, values)):
         assert (got_cq - want).norm() < 0.5 * (got_kivi - want).norm()
@@ -156,7 +156,7 @@ def test_coupled_quantization_beats_per_channel_grids_at_equal_bits():
 
 
 def test_coupled_cache_is_append_only_and_checks_heads():
-    codebooks = CoupledCodebooks.fit(*correlated_kv(300, seed=0), CQConfig(channels=8, bits=4, num_iters=5))
+    codebooks = CoupledCodebooks.fit(*correlated_kv(300, seed=0), CQConfig(channels=8, bits=4, kmeans_iters=5))
     cache = CQLayerCache(codebooks)
     keys, values = correlated_kv(10, seed=2)
     first, _ = cache.update(keys, values)
@@ -174,7 +174,7 @@ def test_fisher_weights_pull_centroids_towards_heavy_vectors():
     keys, values = correlated_kv(400, seed=0)
     weights = torch.ones(1, 2, 400)
     weights[:, :, :40] = 100.0  # the first tokens matter most
-    config = CQConfig(channels=4, bits=2, num_iters=10)
+    config = CQConfig(channels=4, bits=2, kmeans_iters=10)
     plain = CQLayerCache(CoupledCodebooks.fit(keys, values, config))
     weighted = CQLayerCache(CoupledCodebooks.fit(keys, values, config, weights, weights))
     heavy = keys[:, :, :40]
@@ -233,7 +233,7 @@ def test_pre_rope_cache_stores_unrotated_keys_and_returns_rotated_ones():
 
 def test_pre_rope_keys_quantize_better_per_channel():
     pre, post = rotated_keys()
-    config = KIVIConfig(key_bits=2, value_bits=2, group_size=32, residual=0)
+    config = KIVIConfig(key_bits=2, value_bits=2, group_size=32, window=0)
     errors = []
     for cache in (config.make_layer(), PreRoPELayerCache(config.make_layer(), rotary_tables(32))):
         keys, _ = cache.update(post, torch.randn_like(post))
@@ -247,7 +247,7 @@ def test_sink_and_outliers_are_kept_exactly_and_counted():
     calibration = torch.distributions.StudentT(2.0).sample((1, 2, 4000, 16))
     bounds = outlier_bounds(calibration, 0.02)
     assert bounds[0].shape == (2, 16) and (bounds[0] < bounds[1]).all()
-    inner = KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=0).make_layer()
+    inner = KIVIConfig(key_bits=2, value_bits=2, group_size=8, window=0).make_layer()
     cache = DenseAndSparseLayerCache(inner, sink_tokens=3, key_bounds=bounds, value_bounds=bounds)
     for start in (0, 2, 30):  # the sink straddles the first two chunks
         stop = {0: 2, 2: 30, 30: 70}[start]
@@ -263,13 +263,13 @@ def test_sink_and_outliers_are_kept_exactly_and_counted():
     assert cache.num_outliers() == expected_outliers
     sink_bits = 2 * 3 * 2 * 16 * 32
     assert cache.stored_bits() == inner.stored_bits() + sink_bits + 48 * expected_outliers
-    plain = KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=0).make_layer()
+    plain = KIVIConfig(key_bits=2, value_bits=2, group_size=8, window=0).make_layer()
     plain_keys, _ = plain.update(keys, values)
     assert (got_keys - keys).norm() < 0.8 * (plain_keys - keys).norm()
 
 
 def test_kivi_window_in_float16_is_counted_at_16_bits():
-    cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, residual=8, window_dtype=torch.float16))
+    cache = KIVILayerCache(KIVIConfig(key_bits=2, value_bits=2, group_size=8, window=8, window_dtype=torch.float16))
     (keys, _), all_keys, _ = feed(cache, 0)
     assert keys.dtype == torch.float32 and cache.window_keys.dtype == torch.float16
     window = cache.window_keys.shape[2]
@@ -333,13 +333,13 @@ def kv_caches():
 
     keys, values = correlated_kv(600, seed=0, dim=64)
     vq = [calibrate_quantizer("vq", x.reshape(-1, 64), passes=1, codebook_size=256) for x in (keys, values)]
-    cq = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=8, num_iters=3))
+    cq = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=8, kmeans_iters=3))
     bounds = [outlier_bounds(x, 0.01) for x in (keys, values)]
-    kivi = KIVIConfig(2, 2, group_size=32, residual=32, window_dtype=torch.float16)
+    kivi = KIVIConfig(2, 2, group_size=32, window=32, window_dtype=torch.float16)
     return [
         ("fp16", FullPrecisionLayerCache(), []),
         ("kivi-2", kivi.make_layer(), []),
-        ("kivi-4", KIVIConfig(4, 4, residual=32).make_layer(), []),
+        ("kivi-4", KIVIConfig(4, 4, window=32).make_layer(), []),
         ("cq-2", CQLayerCache(cq), [cq]),
         ("vq-256", QuantizerLayerCache(*vq), vq),
         ("kivi-2 + sink + outliers", DenseAndSparseLayerCache(kivi.make_layer(), 4, *bounds), []),
@@ -438,7 +438,7 @@ def test_hugging_face_models_attend_from_the_codes():
     model = tiny_llama()
     ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     options = {"max_new_tokens": 12, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-    config = KIVIConfig(key_bits=8, value_bits=8, group_size=16, residual=16)
+    config = KIVIConfig(key_bits=8, value_bits=8, group_size=16, window=16)
     through_tensors = model.generate(ids, past_key_values=hf_cache(2, config.make_layer), **options)
     codes_cache = hf_cache(2, config.make_layer, attend_from_codes=True)
     with pytest.raises(TypeError, match="got the codes of a KV cache made with attend_from_codes=True"):
@@ -462,7 +462,7 @@ def test_calibrations_save_and_load_as_caches_that_store_the_same_codes(tmp_path
 
     keys, values = correlated_kv(400, seed=0)
     calibration = LayerCalibration(
-        CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=6, num_iters=3)),
+        CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=6, kmeans_iters=3)),
         tuple(
             calibrate_quantizer("rvq", x.reshape(-1, 16), 1, num_quantizers=2, codebook_size=32) for x in (keys, values)
         ),
@@ -499,7 +499,7 @@ def test_compiled_kivi_attention_equals_attention_over_the_dequantized_tensors(b
     from tokenizers_q.kv import loops
 
     monkeypatch.setitem(loops._BUILT, "module", None)  # off the CPU loops' path: torch.compile
-    cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=32, residual=32, window_dtype=torch.float16))
+    cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=32, window=32, window_dtype=torch.float16))
     keys, values = correlated_kv(300, seed=1, dim=64)
     g = torch.Generator().manual_seed(2)
     for count in (200, 1, 40):  # the token count changes between calls: one graph serves them

@@ -48,7 +48,7 @@ def test_kivi_loops_equal_the_products_of_the_levels(bits, dim):
     """Two sequences, 2 key/value heads with 3 queries each, levels, scales and offsets read from the cache's
     own growing buffers."""
     group = 16
-    cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=group, residual=0))
+    cache = KIVILayerCache(KIVIConfig(bits, bits, group_size=group, window=0))
     g = torch.Generator().manual_seed(dim + bits)
     for tokens in (64, 32):
         cache.append(torch.randn(2, 2, tokens, dim, generator=g), torch.randn(2, 2, tokens, dim, generator=g))

@@ -66,16 +66,16 @@ def test_check_finite_counts_only_bad_entries_and_passes_integers_and_empty():
 def test_kmeans_rejects_a_non_finite_row(value):
     x = with_bad(torch.randn(256, 16), value, 7, 3)
     with pytest.raises(ValueError, match=r"kmeans: x holds 1 non-finite value \(NaN or inf\) of 4096; clean or drop"):
-        kmeans(x, 8, num_iters=2)
+        kmeans(x, 8, kmeans_iters=2)
     with pytest.raises(ValueError, match=r"kmeans: x holds 16 non-finite values \(NaN or inf\) of 8192"):
-        kmeans(with_bad(torch.randn(2, 256, 16), value, 1, 5), 8, num_iters=2)
+        kmeans(with_bad(torch.randn(2, 256, 16), value, 1, 5), 8, kmeans_iters=2)
     with pytest.raises(ValueError, match="kmeans: initial centroids holds 1 non-finite value"):
         kmeans(torch.randn(256, 16), 8, init=with_bad(torch.randn(8, 16), value, 0, 0))
 
 
 def test_kmeans_rejects_inputs_whose_squares_overflow():
     with pytest.raises(ValueError, match="kmeans: x magnitude is too large: values up to 1e\\+30"):
-        kmeans(with_bad(torch.randn(64, 16), 1e30, 0, 0), 4, num_iters=1)
+        kmeans(with_bad(torch.randn(64, 16), 1e30, 0, 0), 4, kmeans_iters=1)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -205,7 +205,7 @@ def test_entropy_under_bf16_autocast_is_computed_in_float32(name, entropy):
 
 
 def small_codec() -> EmbeddingCodec:
-    return EmbeddingCodec(8, num_codebooks=2, bits=4, num_iters=2)
+    return EmbeddingCodec(8, num_codebooks=2, bits=4, kmeans_iters=2)
 
 
 def test_codec_rejects_non_finite_vectors_and_searches_only_when_ready():
@@ -276,9 +276,9 @@ def kv(tokens: int, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cache_makers():
     torch.manual_seed(0)
-    codebooks = CoupledCodebooks.fit(*kv(64), CQConfig(channels=4, bits=3, num_iters=2))
+    codebooks = CoupledCodebooks.fit(*kv(64), CQConfig(channels=4, bits=3, kmeans_iters=2))
     vq = calibrate_quantizer("vq", torch.randn(64, 16), passes=1, codebook_size=8)
-    kivi = KIVIConfig(group_size=8, residual=4)
+    kivi = KIVIConfig(group_size=8, window=4)
     return {
         "full": FullPrecisionLayerCache,
         "kivi": kivi.make_layer,

@@ -117,11 +117,11 @@ def test_autoregressive_sampling_with_a_compressed_kv_cache():
     model.eval()
     labels = torch.tensor([0, 1, 2, 3])
     reference = model.generate(4, labels, temperature=0)
-    kivi8 = KVCache(KIVIConfig(key_bits=8, value_bits=8, group_size=4, residual=4).make_layer)
+    kivi8 = KVCache(KIVIConfig(key_bits=8, value_bits=8, group_size=4, window=4).make_layer)
     assert torch.equal(model.generate(4, labels, temperature=0, cache=kivi8), reference)
     assert len(kivi8) == len(model.transformer.blocks) and kivi8.layers[0].quantized_tokens  # it really quantized
     assert 8 < kivi8.bits_per_element() < 32
-    kivi1 = KVCache(KIVIConfig(key_bits=1, value_bits=1, group_size=4, residual=0).make_layer)
+    kivi1 = KVCache(KIVIConfig(key_bits=1, value_bits=1, group_size=4, window=0).make_layer)
     assert not torch.equal(model.generate(4, labels, temperature=0, cache=kivi1), reference)  # the cache is used
     with pytest.raises(ValueError, match="cache must be an empty KVCache"):
         model.generate(4, labels, temperature=0, cache=kivi8)

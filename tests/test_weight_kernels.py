@@ -42,7 +42,7 @@ CONFIGS = [
     (NF4Config(64), None),
     (KMeansConfig(3), None),
     (TernaryConfig("channel"), None),
-    (VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, num_iters=3), None),
+    (VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, kmeans_iters=3), None),
 ]
 
 
@@ -50,9 +50,9 @@ ROW_CONFIGS = [
     IntGridConfig(3, group_size=50, symmetric=False),
     IntGridConfig(4, granularity="tensor"),
     NF4Config(50),
-    KMeansConfig(3, num_iters=3),
+    KMeansConfig(3, kmeans_iters=3),
     TernaryConfig(),
-    VectorCodebookConfig(dim=5, codebook_size=8, num_codebooks=2, num_iters=3),
+    VectorCodebookConfig(dim=5, codebook_size=8, num_codebooks=2, kmeans_iters=3),
 ]
 
 
@@ -199,9 +199,9 @@ COMPILED_CONFIGS = [
     NF4Config(64),
     IntGridConfig(3, group_size=128, symmetric=False),
     IntGridConfig(2, granularity="tensor"),
-    KMeansConfig(3, num_iters=3),
+    KMeansConfig(3, kmeans_iters=3),
     TernaryConfig("channel"),
-    VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, num_iters=3),
+    VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, kmeans_iters=3),
 ]
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,20 @@ import xxhash
 HEADER_KEY = "tokenizers_q"
 HEADER_CHECKSUM_KEY = "tokenizers_q.xxh3_128"
 CHECKSUM = "xxh3_128"
+
+
+#: arguments stored under their earlier names, read by :func:`current_arguments`
+RENAMED_ARGUMENTS = {"num_iters": "kmeans_iters", "block_size": "group_size"}
+
+
+def current_arguments(arguments: Mapping[str, Any], what: str) -> dict:
+    """A stored configuration with the arguments of :data:`RENAMED_ARGUMENTS` under their current names (files
+    written before the renaming load as they did, with a ``DeprecationWarning`` naming ``what``)."""
+    old = [name for name in arguments if name in RENAMED_ARGUMENTS]
+    if old:
+        names = ", ".join(f"{name} -> {RENAMED_ARGUMENTS[name]}" for name in old)
+        warnings.warn(f"{what} was saved with renamed arguments ({names}); save it again", DeprecationWarning, 2)
+    return {RENAMED_ARGUMENTS.get(name, name): value for name, value in arguments.items()}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

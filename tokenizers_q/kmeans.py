@@ -74,7 +74,7 @@ def _seed_kmeanspp(x, weights, k, metric, generator):
 def kmeans(
     x: torch.Tensor,
     num_clusters: int,
-    num_iters: int = 10,
+    kmeans_iters: int = 10,
     weights: torch.Tensor | None = None,
     init: str | torch.Tensor = "kmeans++",
     metric: str = "l2",
@@ -87,7 +87,7 @@ def kmeans(
         x: samples; a leading axis ``B`` runs ``B`` independent problems at once.
         num_clusters: number of centroids ``K``. ``N < K`` is allowed: centroids
             then repeat samples.
-        num_iters: Lloyd iterations after seeding (0 keeps the seeds).
+        kmeans_iters: Lloyd iterations after seeding (0 keeps the seeds).
         weights: non-negative sample weights (e.g. Fisher information); uniform if None.
         init: ``"kmeans++"`` (D^2 seeding), ``"random"`` (weighted sample of rows), or initial centroids
             (K, D) / (B, K, D) to continue from (warm start).
@@ -105,8 +105,8 @@ def kmeans(
         raise ValueError(f"init must be one of {INITS} or a tensor of initial centroids, got {init!r}")
     if not isinstance(num_clusters, int) or num_clusters < 1:
         raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+    if kmeans_iters < 0:
+        raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
     batched = x.dim() == 3
     if x.dim() not in (2, 3) or x.shape[-2] == 0:
         raise ValueError(f"kmeans expects x of shape (N, D) or (B, N, D) with N >= 1, got {tuple(x.shape)}")
@@ -135,7 +135,7 @@ def kmeans(
 
     b, _, d = xb.shape
     weighted = xb * wb.unsqueeze(-1)
-    for _ in range(num_iters):
+    for _ in range(kmeans_iters):
         assign, _ = nearest(xb, centroids, metric, max_elements, check_values=False)
         sums = xb.new_zeros(b, num_clusters, d).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), weighted)
         counts = wb.new_zeros(b, num_clusters).scatter_add_(1, assign, wb)

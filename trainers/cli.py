@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tokenizers_q.trainers.artifacts import load_datamodule, load_module, tokenizer_fingerprint
 from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 TOKEN_COMMANDS = ("encode", "decode", "sample", "inspect", "export")
 
 
@@ -280,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         {**commands, "inspect": inspect_command}[args[0]](args[1:])
         return
     if not args or args[0] in ("-h", "--help"):
+        print(f"usage: tokq {{{','.join(LIGHTNING_COMMANDS + TOKEN_COMMANDS)}}} ...  (tokq VERB --help for one)")
         print(__doc__)
+        return
     lightning_cli(argv)
 
 

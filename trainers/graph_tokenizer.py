@@ -12,8 +12,8 @@ from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.graph_encoder import GNNEncoder
 from tokenizers_q.models.graph_ssl import DeepGraphInfomax, LatentPrediction, MaskedFeatureReconstruction
 from tokenizers_q.quantizers import Quantizer, create_quantizer
-from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
 from tokenizers_q.trainers.graph_data import check_graph
+from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
 
 DEFAULT_QUANTIZER = {"num_quantizers": 3, "codebook_size": 256}
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from tokenizers_q.models.graph_transformer import GraphTransformer
 from tokenizers_q.packing import TokenSpec, load_tokens
-from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
 from tokenizers_q.trainers.node_tokens import check_node_tokens
+from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
 from tokenizers_q.trainers.token_module import code_vectors
 
 

@@ -18,8 +18,8 @@ from tokenizers_q.kv import (
 )
 from tokenizers_q.kv.rope import Rotary
 from tokenizers_q.models.kv_codec import KVCodec
-from tokenizers_q.trainers.autoencoder import warmup_cosine_scheduler
 from tokenizers_q.trainers.kv_data import check_attention_inputs
+from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from tokenizers_q.models.token_transformer import TokenTransformer
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers import Quantizer
 from tokenizers_q.trainers.artifacts import CHECKPOINT_CLASS_KEY
-from tokenizers_q.trainers.autoencoder import load_tokenizer, warmup_cosine_scheduler
+from tokenizers_q.trainers.autoencoder import load_tokenizer
+from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
 from tokenizers_q.trainers.token_data import token_file_layout
 
 BITS_PER_NAT = 1.0 / math.log(2.0)

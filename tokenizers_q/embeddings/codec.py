@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tokenizers_q.checks import check_finite, max_magnitude
-from tokenizers_q.files import read_artifact, write_artifact
+from tokenizers_q.files import current_arguments, read_artifact, write_artifact
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.packing import TokenSpec, pack_codes, unpack_codes
 from tokenizers_q.search import nearest, top_rows
@@ -54,7 +54,7 @@ class EmbeddingCodec(nn.Module):
             coded as residuals from their list's centroid, and the list id is part of each code
             (``ceil(log2 num_lists)`` bits). Default: 1.
         beam: RVQ encoding keeps this many best partial codes per level (1: greedy). Default: 1.
-        num_iters: k-means iterations per codebook. Default: 20.
+        kmeans_iters: k-means iterations per codebook. Default: 20.
         opq_iters: OPQ alternations of PQ fitting (k-means warm-started from the previous codebooks) and
             rotation update. Default: 20.
         refine_iters: RVQ alternations of beam encoding and a joint least-squares update of all codebooks
@@ -80,7 +80,7 @@ class EmbeddingCodec(nn.Module):
         metric: str = "l2",
         num_lists: int = 1,
         beam: int = 1,
-        num_iters: int = 20,
+        kmeans_iters: int = 20,
         opq_iters: int = 20,
         refine_iters: int = 2,
         seed: int = 0,
@@ -104,7 +104,7 @@ class EmbeddingCodec(nn.Module):
             raise ValueError(f"num_codebooks {num_codebooks} must divide dim {dim} for {method}")
         self.config = dict(
             dim=dim, method=method, num_codebooks=num_codebooks, bits=bits, metric=metric, num_lists=num_lists,
-            beam=beam, num_iters=num_iters, opq_iters=opq_iters, refine_iters=refine_iters, seed=seed,
+            beam=beam, kmeans_iters=kmeans_iters, opq_iters=opq_iters, refine_iters=refine_iters, seed=seed,
         )  # fmt: skip
         self.dim, self.method, self.metric = dim, method, metric
         self.num_codebooks, self.bits, self.num_lists, self.beam = num_codebooks, bits, num_lists, beam
@@ -159,11 +159,11 @@ class EmbeddingCodec(nn.Module):
             raise ValueError(f"need at least {needed} training vectors for {needed} codes, got {x.shape[0]}")
         generator = torch.Generator(device=x.device).manual_seed(self.config["seed"])
         if self.num_lists > 1:
-            self.centroids.copy_(kmeans(x, self.num_lists, self.config["num_iters"], generator=generator).centroids)
+            self.centroids.copy_(kmeans(x, self.num_lists, self.config["kmeans_iters"], generator=generator).centroids)
         residual = x - self.centroids[self._assign(x)]
         if self.method == "rvq":
             for m in range(self.num_codebooks):
-                fit = kmeans(residual, 2**self.bits, self.config["num_iters"], generator=generator)
+                fit = kmeans(residual, 2**self.bits, self.config["kmeans_iters"], generator=generator)
                 self.codebooks[m] = fit.centroids
                 residual = residual - fit.centroids[fit.assignments]
             targets = x - self.centroids[self._assign(x)]
@@ -173,20 +173,21 @@ class EmbeddingCodec(nn.Module):
             rotation = torch.eye(self.dim, device=x.device)
             for step in range(self.config["opq_iters"] if self.method == "opq" else 0):
                 rotated = residual @ rotation
-                self._fit_pq(rotated, generator, OPQ_KMEANS_ITERS if step else self.config["num_iters"], warm=step > 0)
+                iters = OPQ_KMEANS_ITERS if step else self.config["kmeans_iters"]
+                self._fit_pq(rotated, generator, iters, warm=step > 0)
                 # orthogonal Procrustes: the rotation best mapping the residuals to their codes
                 u, _, vt = torch.linalg.svd(residual.T @ self._decode_rotated(self._encode_rotated(rotated)))
                 rotation = u @ vt
             self.rotation.copy_(rotation)
-            self._fit_pq(residual @ self.rotation, generator, self.config["num_iters"], warm=self.method == "opq")
+            self._fit_pq(residual @ self.rotation, generator, self.config["kmeans_iters"], warm=self.method == "opq")
         self.fitted.fill_(True)
         return self
 
-    def _fit_pq(self, rotated: torch.Tensor, generator: torch.Generator, num_iters: int, warm: bool) -> None:
+    def _fit_pq(self, rotated: torch.Tensor, generator: torch.Generator, kmeans_iters: int, warm: bool) -> None:
         """k-means of every sub-vector; ``warm`` continues from the current codebooks."""
         subs = rotated.reshape(rotated.shape[0], self.num_codebooks, -1).transpose(0, 1).contiguous()
         init = self.codebooks if warm else "kmeans++"
-        self.codebooks.copy_(kmeans(subs, 2**self.bits, num_iters, init=init, generator=generator).centroids)
+        self.codebooks.copy_(kmeans(subs, 2**self.bits, kmeans_iters, init=init, generator=generator).centroids)
 
     def _refine_codebooks(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """All RVQ codebooks at once, the least-squares fit of ``x`` by the sum of its codes' entries:
@@ -594,7 +595,7 @@ class EmbeddingCodec(nn.Module):
         """The codec saved by :meth:`save`, verified before it is built."""
         config, state = read_artifact(path, FORMAT, VERSION)[1:]
         try:
-            codec = cls(**config)
+            codec = cls(**current_arguments(config, f"the embedding codec {path}"))
             codec.database = torch.zeros_like(state["database"])
             codec.norms = torch.zeros_like(state["norms"])
             codec.load_state_dict(state)

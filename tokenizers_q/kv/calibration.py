@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_q.files import read_artifact, write_artifact
+from tokenizers_q.files import current_arguments, read_artifact, write_artifact
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
@@ -112,7 +112,7 @@ def load_calibration(
 def _layer(entry: dict, index: int, tensors: dict[str, torch.Tensor]) -> LayerCalibration:
     layer = LayerCalibration()
     if "codebooks" in entry:
-        config = CQConfig(**entry["codebooks"])
+        config = CQConfig(**current_arguments(entry["codebooks"], f"layer {index}'s CQ codebooks"))
         keys, values = tensors[f"{index}.codebooks.keys"], tensors[f"{index}.codebooks.values"]
         layer.codebooks = CoupledCodebooks(keys, values, config)
     if "quantizers" in entry:

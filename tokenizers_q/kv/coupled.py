@@ -30,13 +30,13 @@ class CQConfig:
     Args:
         channels: channels coupled in one code (must divide head_dim). Default: 4.
         bits: bits per code, ``2^bits`` centroids per channel group. Default: 8 (2 bits per channel at 4 channels).
-        num_iters: k-means iterations. Default: 20.
+        kmeans_iters: k-means iterations. Default: 20.
         seed: k-means seeding. Default: 0.
     """
 
     channels: int = 4
     bits: int = 8
-    num_iters: int = 20
+    kmeans_iters: int = 20
     seed: int = 0
 
     def __post_init__(self):
@@ -90,7 +90,7 @@ class CoupledCodebooks:
             if w is not None:
                 weights = w.permute(1, 0, 2).reshape(x.shape[1], 1, -1).expand(-1, dim // config.channels, -1)
                 weights = weights.reshape(groups.shape[:2])
-            result = kmeans(groups, 2**config.bits, config.num_iters, weights, generator=generator)
+            result = kmeans(groups, 2**config.bits, config.kmeans_iters, weights, generator=generator)
             books.append(result.centroids.reshape(x.shape[1], dim // config.channels, 2**config.bits, config.channels))
         return cls(books[0], books[1], config)
 

@@ -71,8 +71,8 @@ class KIVIConfig:
         value_bits: bits per value element (1..8). Default: 2.
         group_size: tokens sharing a key scale per channel, and channels sharing a
             value scale per token. Default: 32.
-        residual: the most recent tokens kept in full precision (at least this many,
-            fewer than ``residual + group_size``). Default: 128.
+        window: the most recent tokens kept in full precision (at least this many,
+            fewer than ``window + group_size``). Default: 128.
         window_dtype: floating dtype the window is stored in (e.g. ``torch.float16`` under a
             float32 model), or None for the input's dtype. Default: None.
     """
@@ -80,7 +80,7 @@ class KIVIConfig:
     key_bits: int = 2
     value_bits: int = 2
     group_size: int = 32
-    residual: int = 128
+    window: int = 128
     window_dtype: torch.dtype | None = None
 
     def __post_init__(self):
@@ -90,8 +90,8 @@ class KIVIConfig:
                 raise ValueError(f"{name} must be an int in [1, 8], got {value!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise ValueError(f"residual must be a non-negative int, got {self.residual!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be a non-negative int, got {self.window!r}")
         if self.window_dtype is not None and not (
             isinstance(self.window_dtype, torch.dtype) and self.window_dtype.is_floating_point
         ):
@@ -104,7 +104,7 @@ class KIVIConfig:
 class KIVILayerCache(LayerCache):
     r"""One layer's KIVI cache: quantized groups of past tokens plus a full-precision window.
 
-    New tokens enter the window; whenever it holds ``residual + group_size`` tokens,
+    New tokens enter the window; whenever it holds ``window + group_size`` tokens,
     its oldest ``group_size`` tokens are quantized as one group (keys per channel over
     the group's tokens, values per token over groups of channels) and appended to
     the quantized past, which is never re-quantized. The past is held as it is counted by
@@ -141,11 +141,11 @@ class KIVILayerCache(LayerCache):
             keys, values = keys.to(config.window_dtype), values.to(config.window_dtype)
         if self.window_keys is None:  # a copy: never a view of the caller's tensors
             self.window_keys, self.window_values = keys.clone(), values.clone()
-        else:  # the window is at most residual + group_size tokens: bounded copies
+        else:  # the window is at most window + group_size tokens: bounded copies
             self.window_keys = torch.cat([self.window_keys, keys], 2)
             self.window_values = torch.cat([self.window_values, values], 2)
         size = config.group_size
-        quantized = (self.window_keys.shape[2] - config.residual) // size * size
+        quantized = (self.window_keys.shape[2] - config.window) // size * size
         if quantized > 0:
             self._quantize(self.window_keys[:, :, :quantized].to(dtype), self.window_values[:, :, :quantized].to(dtype))
             self.window_keys = self.window_keys[:, :, quantized:].clone()
@@ -214,9 +214,11 @@ class KIVILayerCache(LayerCache):
         return attention(queries, scores, mix, heads, scale, mask)
 
     def _whole_bytes(self) -> bool:
-        """Whether every quantized token's levels are whole bytes of whole codes (what the fused loops read)."""
+        """Whether every quantized token's levels are whole bytes of whole codes, and each value scale group
+        whole bytes (what the fused loops read)."""
         dim, config = self.layout[2], self.config
-        return all(
+        value_group = min(config.group_size, dim)
+        return value_group * config.value_bits % 8 == 0 and all(
             bits in (1, 2, 4, 8) and dim * bits % 8 == 0 and stored["levels"].tail is None
             for bits, stored in ((config.key_bits, self.keys), (config.value_bits, self.values))
         )

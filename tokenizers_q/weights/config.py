@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from tokenizers_q.checks import check_finite
+from tokenizers_q.files import current_arguments
 from tokenizers_q.packing import TokenSpec, code_planes, pack_codes, planes_per_group, unpack_codes
 
 _CONFIGS: dict[str, type[WeightQuantConfig]] = {}
@@ -105,7 +106,7 @@ class WeightQuantConfig:
     def from_dict(data: dict) -> WeightQuantConfig:
         if not isinstance(data, dict) or data.get("method") not in _CONFIGS:
             raise ValueError(f"unknown weight config {data!r}; methods: {', '.join(sorted(_CONFIGS))}")
-        fields = {k: v for k, v in data.items() if k != "method"}
+        fields = current_arguments({k: v for k, v in data.items() if k != "method"}, f"a {data['method']} config")
         return _CONFIGS[data["method"]](**fields)
 
 

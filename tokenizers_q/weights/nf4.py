@@ -28,24 +28,24 @@ NF4_LEVELS = torch.tensor(
 @register_weight_config("nf4")
 @dataclass(frozen=True)
 class NF4Config(WeightQuantConfig):
-    r"""Each block of ``block_size`` consecutive weights of a row is divided by its abs-max (stored in
+    r"""Each block of ``group_size`` consecutive weights of a row is divided by its abs-max (stored in
     float16) and rounded to the nearest NF4 level (4 bits).
 
     Args:
-        block_size: weights per scale (must divide the input width). Default: 64.
+        group_size: weights per scale (must divide the input width). Default: 64.
     """
 
-    block_size: int = 64
+    group_size: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
 
     def quantize(self, weight, hessian=None):
         check_weight(weight, hessian, False)
-        if weight.shape[1] % self.block_size:
-            raise ValueError(f"block_size {self.block_size} must divide the input width {weight.shape[1]}")
-        blocks = weight.float().reshape(weight.shape[0], -1, self.block_size)
+        if weight.shape[1] % self.group_size:
+            raise ValueError(f"group_size {self.group_size} must divide the input width {weight.shape[1]}")
+        blocks = weight.float().reshape(weight.shape[0], -1, self.group_size)
         scale = blocks.abs().amax(-1).clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
         normalised = blocks / scale.float()[..., None]
         levels = (normalised[..., None] - NF4_LEVELS.to(weight.device)).abs().argmin(-1)
@@ -58,6 +58,6 @@ class NF4Config(WeightQuantConfig):
         return ("scale",)
 
     def dequantize(self, tensors, shape):
-        blocks = (shape[0], shape[1] // self.block_size, self.block_size)
+        blocks = (shape[0], shape[1] // self.group_size, self.group_size)
         values = lookup(tensors["codes"], 4, blocks, NF4_LEVELS.to(tensors["codes"].device))
         return (values * tensors["scale"][:, :, None]).reshape(shape)

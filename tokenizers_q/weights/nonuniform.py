@@ -32,7 +32,7 @@ class KMeansConfig(WeightQuantConfig):
             levels close to them; ``"none"`` for plain k-means. Default: ``"none"``.
         gptq: GPTQ error compensation with calibration data (the levels stay those of k-means). Default: False.
         act_order: with ``gptq``, quantize columns by decreasing input energy. Default: False.
-        num_iters: k-means iterations. Default: 25.
+        kmeans_iters: k-means iterations. Default: 25.
         seed: k-means seeding. Default: 0.
     """
 
@@ -40,7 +40,7 @@ class KMeansConfig(WeightQuantConfig):
     weighting: str = "none"
     gptq: bool = False
     act_order: bool = False
-    num_iters: int = 25
+    kmeans_iters: int = 25
     seed: int = 0
 
     def __post_init__(self):
@@ -62,7 +62,7 @@ class KMeansConfig(WeightQuantConfig):
             importance = hessian.diagonal().float().clamp_min(0) + 1e-8
             weights = importance.expand_as(weight)
         generator = torch.Generator(device=weight.device).manual_seed(self.seed)
-        fit = kmeans(weight[..., None], 2**self.bits, self.num_iters, weights, generator=generator)
+        fit = kmeans(weight[..., None], 2**self.bits, self.kmeans_iters, weights, generator=generator)
         table = fit.centroids[..., 0].to(torch.float16)  # (out, 2^bits)
         levels_of = table.float()
         if self.gptq:

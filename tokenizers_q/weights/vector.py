@@ -34,7 +34,7 @@ class VectorCodebookConfig(WeightQuantConfig):
         refine_steps: Adam steps on codebooks and row scales minimising the output error
             ``tr(E H E^T)`` on calibration inputs (``E`` the weight error, codes fixed); 0 for
             k-means only. Default: 0.
-        num_iters: k-means iterations. Default: 25.
+        kmeans_iters: k-means iterations. Default: 25.
         seed: k-means seeding. Default: 0.
     """
 
@@ -42,11 +42,11 @@ class VectorCodebookConfig(WeightQuantConfig):
     codebook_size: int = 256
     num_codebooks: int = 1
     refine_steps: int = 0
-    num_iters: int = 25
+    kmeans_iters: int = 25
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("dim", "num_codebooks", "num_iters"):
+        for name in ("dim", "num_codebooks", "kmeans_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -79,7 +79,7 @@ class VectorCodebookConfig(WeightQuantConfig):
         generator = torch.Generator(device=weight.device).manual_seed(self.seed)
         books, codes = [], []
         for _ in range(self.num_codebooks):
-            fit = kmeans(residual, self.codebook_size, self.num_iters, group_weights, generator=generator)
+            fit = kmeans(residual, self.codebook_size, self.kmeans_iters, group_weights, generator=generator)
             index, _ = nearest(residual, fit.centroids)
             books.append(fit.centroids)
             codes.append(index)
