@@ -217,6 +217,24 @@ void check_codes(const torch::Tensor& codes, int64_t bits, int64_t tokens, int64
               tokens, " tokens of ", books, " codes of ", bits, " bits");
 }
 
+// for every (batch x head) row and block of at most BLOCK tokens: visit(h, first, size, index), with the
+// block's table indices (size x books) read once from the packed codes
+template <typename F>
+void each_block(const torch::Tensor& codes, int64_t heads, int64_t tokens, int64_t books, int64_t entries,
+                int64_t bits, F visit) {
+  const uint8_t* packed = codes.data_ptr<uint8_t>();
+  const int64_t row = codes.stride(1);
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> index(BLOCK * books);
+    for (int64_t h = begin; h < end; ++h)
+      for (int64_t first = 0; first < tokens; first += BLOCK) {
+        const int64_t size = std::min(BLOCK, tokens - first);
+        block_indices(packed + h * row, first, size, books, entries, bits, index.data());
+        visit(h, first, size, index.data());
+      }
+  });
+}
+
 }  // namespace
 
 // scores[b, h, i, t] = sum_m lookup[b, h, i, m, code(t, m)]
@@ -224,37 +242,30 @@ torch::Tensor code_scores(torch::Tensor lookup, torch::Tensor codes, int64_t bit
   lookup = lookup.contiguous();
   TORCH_CHECK(lookup.scalar_type() == torch::kFloat && lookup.dim() == 5, "lookup must be float32 (B, H, Q, M, K)");
   const int64_t heads = lookup.size(0) * lookup.size(1), count = lookup.size(2), books = lookup.size(3);
-  const int64_t entries = lookup.size(4), row = codes.stride(1);
+  const int64_t entries = lookup.size(4);
   check_codes(codes, bits, tokens, books);
   auto out = torch::empty({lookup.size(0), lookup.size(1), count, tokens}, lookup.options());
   const float* table = lookup.data_ptr<float>();
-  const uint8_t* packed = codes.data_ptr<uint8_t>();
   float* scores = out.data_ptr<float>();
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> index(BLOCK * books);
-    for (int64_t h = begin; h < end; ++h)
-      for (int64_t first = 0; first < tokens; first += BLOCK) {
-        const int64_t size = std::min(BLOCK, tokens - first);
-        block_indices(packed + h * row, first, size, books, entries, bits, index.data());
-        for (int64_t i = 0; i < count; ++i) {
-          const float* ti = table + (h * count + i) * books * entries;
-          float* si = scores + (h * count + i) * tokens + first;
-          int64_t t = 0;
-          for (; t + LANES <= size; t += LANES) {  // LANES tokens at once: independent chains of additions
-            float acc[LANES] = {};
-            const int32_t* it = index.data() + t * books;
-            for (int64_t m = 0; m < books; ++m)
-              for (int u = 0; u < LANES; ++u) acc[u] += ti[it[u * books + m]];
-            for (int u = 0; u < LANES; ++u) si[t + u] = acc[u];
-          }
-          for (; t < size; ++t) {
-            const int32_t* it = index.data() + t * books;
-            float acc = 0.f;
-            for (int64_t m = 0; m < books; ++m) acc += ti[it[m]];
-            si[t] = acc;
-          }
-        }
+  each_block(codes, heads, tokens, books, entries, bits, [&](int64_t h, int64_t first, int64_t size, const int32_t* index) {
+    for (int64_t i = 0; i < count; ++i) {
+      const float* ti = table + (h * count + i) * books * entries;
+      float* si = scores + (h * count + i) * tokens + first;
+      int64_t t = 0;
+      for (; t + LANES <= size; t += LANES) {  // LANES tokens at once: independent chains of additions
+        float acc[LANES] = {};
+        const int32_t* it = index + t * books;
+        for (int64_t m = 0; m < books; ++m)
+          for (int u = 0; u < LANES; ++u) acc[u] += ti[it[u * books + m]];
+        for (int u = 0; u < LANES; ++u) si[t + u] = acc[u];
       }
+      for (; t < size; ++t) {
+        const int32_t* it = index + t * books;
+        float acc = 0.f;
+        for (int64_t m = 0; m < books; ++m) acc += ti[it[m]];
+        si[t] = acc;
+      }
+    }
   });
   return out;
 }
@@ -263,28 +274,20 @@ torch::Tensor code_scores(torch::Tensor lookup, torch::Tensor codes, int64_t bit
 torch::Tensor code_mass(torch::Tensor probs, torch::Tensor codes, int64_t bits, int64_t books, int64_t entries) {
   probs = probs.contiguous().to(torch::kFloat);
   const int64_t heads = probs.size(0) * probs.size(1), count = probs.size(2), tokens = probs.size(3);
-  const int64_t row = codes.stride(1);
   check_codes(codes, bits, tokens, books);
   auto out = torch::zeros({probs.size(0), probs.size(1), count, books, entries}, probs.options());
   const float* p = probs.data_ptr<float>();
-  const uint8_t* packed = codes.data_ptr<uint8_t>();
   float* mass = out.data_ptr<float>();
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> index(BLOCK * books);
-    for (int64_t h = begin; h < end; ++h)
-      for (int64_t first = 0; first < tokens; first += BLOCK) {
-        const int64_t size = std::min(BLOCK, tokens - first);
-        block_indices(packed + h * row, first, size, books, entries, bits, index.data());
-        for (int64_t i = 0; i < count; ++i) {
-          float* mi = mass + (h * count + i) * books * entries;
-          const float* pi = p + (h * count + i) * tokens + first;
-          for (int64_t t = 0; t < size; ++t) {
-            const int32_t* it = index.data() + t * books;
-            const float pt = pi[t];
-            for (int64_t m = 0; m < books; ++m) mi[it[m]] += pt;
-          }
-        }
+  each_block(codes, heads, tokens, books, entries, bits, [&](int64_t h, int64_t first, int64_t size, const int32_t* index) {
+    for (int64_t i = 0; i < count; ++i) {
+      float* mi = mass + (h * count + i) * books * entries;
+      const float* pi = p + (h * count + i) * tokens + first;
+      for (int64_t t = 0; t < size; ++t) {
+        const int32_t* it = index + t * books;
+        const float pt = pi[t];
+        for (int64_t m = 0; m < books; ++m) mi[it[m]] += pt;
       }
+    }
   });
   return out;
 }
