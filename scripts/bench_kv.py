@@ -46,7 +46,7 @@ from tokenizers_q.kv import (
     outlier_bounds,
 )
 from tokenizers_q.kv.hf import hf_cache, hf_rotary
-from tokenizers_q.kv.learned import codebook_bits
+from tokenizers_q.memory import shared_bits
 from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
 SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
@@ -169,11 +169,11 @@ def cache_factory(method: str, calibration: dict | None, model, args):
             ]
             for i in range(num_layers)
         ]
-        shared = sum(codebook_bits(q) for pair in quantizers for q in pair)
+        shared = sum(shared_bits(q) for pair in quantizers for q in pair)
         return lambda: hf_cache([wrap(QuantizerLayerCache(*q)) for q in quantizers]), shared
     if method.startswith("kvtok-"):
         tokenizer = train_kv_tokenizer(calibration, model, int(method.split("-")[1]), args)
-        shared = codebook_bits(tokenizer)
+        shared = shared_bits(tokenizer)
         return lambda: hf_cache(tokenizer.layer_caches(hf_rotary(model), sink_tokens=1)), shared
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 

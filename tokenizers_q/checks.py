@@ -1,10 +1,11 @@
-"""Checks of numerical inputs shared by the whole library: non-finite values and magnitudes that overflow.
+"""The checks of arguments and inputs shared by the whole library, and its one exception policy.
 
-Every public entry point that reads vectors (k-means, nearest-code search, codebooks,
-quantizers, KV caches, weight quantization, the embedding codec) calls
-:func:`check_finite` on them, so that a NaN, an inf or a value whose square overflows
-float32 raises a :class:`ValueError` naming the tensor instead of silently producing
-NaN codebooks or arbitrary codes.
+A wrong type raises :class:`TypeError`, a wrong value :class:`ValueError`; each message names the
+argument, the value received and what was expected. Every public entry point that reads vectors
+(k-means, nearest-code search, codebooks, quantizers, KV caches, weight quantization, the embedding
+codec) calls :func:`check_finite` on them, so that a NaN, an inf or a value whose square overflows
+float32 raises a :class:`ValueError` naming the tensor instead of silently producing NaN codebooks
+or arbitrary codes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,36 @@ import math
 import torch
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``; else a ``TypeError`` (not an int) or
+    ``ValueError`` (out of range) naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        if maximum is not None:
+            expected = f"in [{minimum}, {maximum}]"
+        else:
+            expected = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices``; else a ``ValueError`` naming ``name`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_float_tensor(name: str, x) -> torch.Tensor:
+    """``x`` if it is a floating-point tensor; else a ``TypeError`` naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+    return x
 
 
 def max_magnitude(dim: int) -> float:

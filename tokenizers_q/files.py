@@ -37,17 +37,18 @@ CHECKSUM = "xxh3_128"
 
 
 #: arguments stored under their earlier names, read by :func:`current_arguments`
-RENAMED_ARGUMENTS = {"num_iters": "kmeans_iters", "block_size": "group_size"}
+RENAMED_ARGUMENTS = {"num_iters": "kmeans_iters", "block_size": "group_size", "refine_steps": "refine_iters"}
 
 
-def current_arguments(arguments: Mapping[str, Any], what: str) -> dict:
-    """A stored configuration with the arguments of :data:`RENAMED_ARGUMENTS` under their current names (files
-    written before the renaming load as they did, with a ``DeprecationWarning`` naming ``what``)."""
-    old = [name for name in arguments if name in RENAMED_ARGUMENTS]
+def current_arguments(arguments: Mapping[str, Any], what: str, renamed: Mapping[str, str] = RENAMED_ARGUMENTS) -> dict:
+    """A stored configuration with the arguments of ``renamed`` (default :data:`RENAMED_ARGUMENTS`, the names
+    renamed across the library; a class passes its own where a name changed only there) under their current
+    names: files written before the renaming load as they did, with a ``DeprecationWarning`` naming ``what``."""
+    old = [name for name in arguments if name in renamed]
     if old:
-        names = ", ".join(f"{name} -> {RENAMED_ARGUMENTS[name]}" for name in old)
+        names = ", ".join(f"{name} -> {renamed[name]}" for name in old)
         warnings.warn(f"{what} was saved with renamed arguments ({names}); save it again", DeprecationWarning, 2)
-    return {RENAMED_ARGUMENTS.get(name, name): value for name, value in arguments.items()}
+    return {renamed.get(name, name): value for name, value in arguments.items()}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

@@ -100,7 +100,7 @@ def kmeans(
         - weights: (N,) or (B, N)
         - output: see :class:`KMeansResult`
     """
-    check_metric(metric)
+    check_metric(metric, ("l2", "cosine"))
     if not isinstance(init, torch.Tensor) and init not in INITS:
         raise ValueError(f"init must be one of {INITS} or a tensor of initial centroids, got {init!r}")
     if not isinstance(num_clusters, int) or num_clusters < 1:

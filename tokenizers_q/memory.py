@@ -1,8 +1,29 @@
-"""What an object holds: the bytes of every tensor storage it keeps alive (the measure of compression)."""
+"""What an object holds, and the one bit-accounting protocol of the library.
+
+Every object that holds compressed data reports ``stored_bits()``: the bits of what it keeps
+(packed codes, scales, its own float parts), which :func:`held_bytes` checks against the process's
+real storages. Tables shared by many such objects (a quantizer's codebooks and projections) are
+counted once, by :func:`shared_bits`, in the dtype they are stored in. Each application derives one
+rate from these: ``bits_per_element()`` (KV caches), ``bits_per_weight()`` (quantized layers),
+``bits_per_vector()`` (embedding codecs), ``bits_per_image(shape)`` (image tokenizers),
+``bits_per_node()`` (graph tokenizers) and ``TokenSpec.bits_per_token`` (a token layout).
+"""
 
 from __future__ import annotations
 
 import torch
+
+
+def shared_bits(module: torch.nn.Module) -> int:
+    """Bits of the tables a quantizer (or any module holding one) shares between everything it codes: its
+    parameters and its codebooks (``Quantizer.codebooks()`` of every quantizer inside), each tensor counted once
+    in its stored dtype; training statistics (EMA sums, usage counts) are not needed to decode and not counted."""
+    from tokenizers_q.quantizers import Quantizer
+
+    tensors = {id(t): t for t in module.parameters()}
+    for quantizer in (m for m in module.modules() if isinstance(m, Quantizer)):
+        tensors.update((id(t), t) for t in quantizer.codebooks())
+    return sum(8 * t.numel() * t.element_size() for t in tensors.values())
 
 
 def held_bytes(obj, seen: set | None = None) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.checks import check_choice, check_finite, max_magnitude
 
-METRICS = ("l2", "cosine")
+METRICS = ("l2", "cosine", "ip")  # the library's one metric enum: squared distance, angle, inner product
 CPU_MAX_ELEMENTS = 2**20  # 4 MiB of float32 distances per chunk: stays in cache
 CUDA_MAX_ELEMENTS = 2**26  # 256 MiB per chunk: a few large matmuls instead of many small launches
 
@@ -24,9 +24,9 @@ def chunk_budget(device: torch.device, max_elements: int | None) -> int:
     return CUDA_MAX_ELEMENTS if device.type == "cuda" else CPU_MAX_ELEMENTS
 
 
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+def check_metric(metric: str, allowed: tuple[str, ...] = METRICS) -> str:
+    """``metric`` if it is one of ``allowed`` (a subset of :data:`METRICS`); else a ``ValueError``."""
+    return check_choice("metric", metric, allowed)
 
 
 @torch.no_grad()
@@ -42,8 +42,8 @@ def nearest(
     Args:
         x: query vectors.
         codes: codebook(s); a leading batch axis searches several codebooks at once.
-        metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"``
-            (distance ``1 - cos``; inputs need not be normalised).
+        metric: ``"l2"`` (squared Euclidean distance), ``"cosine"`` (distance ``1 - cos``; inputs need not
+            be normalised) or ``"ip"`` (largest inner product; distance ``-x . c``).
         max_elements: most distance entries held in memory at once; default 2^20 on the CPU
             (4 MiB), 2^26 on CUDA (256 MiB).
         check_values: raise on NaN, inf or magnitudes whose squared distances overflow; False for
@@ -76,6 +76,8 @@ def nearest(
         if metric == "cosine":
             x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
             bias = None
+        elif metric == "ip":
+            bias = None
         else:
             bias = codes.pow(2).sum(-1).unsqueeze(1)  # (B, 1, K)
         codes_t = codes.transpose(1, 2)
@@ -88,7 +90,7 @@ def nearest(
             if bias is None:
                 score = torch.bmm(chunk, codes_t)  # similarity: larger is nearer
                 best, idx = score.max(dim=-1)
-                dist = 1.0 - best
+                dist = 1.0 - best if metric == "cosine" else -best
             else:
                 score = torch.baddbmm(bias, chunk, codes_t, alpha=-2.0)  # |c|^2 - 2 x.c
                 best, idx = score.min(dim=-1)

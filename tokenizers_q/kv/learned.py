@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from tokenizers_q.checks import check_finite
-from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kv.buffer import PackedTokens
 from tokenizers_q.kv.cache import LayerCache
 from tokenizers_q.kv.tables import quantizer_tables, table_attention, tables_pay
+from tokenizers_q.memory import shared_bits
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
 
@@ -26,7 +26,7 @@ def calibrate_quantizer(name: str, vectors: torch.Tensor, passes: int = 4, **kwa
         raise ValueError(f"passes must be a positive int, got {passes!r}")
     check_finite(vectors, "calibrate_quantizer: vectors")
     quantizer = create_quantizer(name, dim=vectors.shape[1], **kwargs).to(vectors.device).train()
-    if not any(n.endswith("embed") for n, _ in quantizer.named_buffers()):
+    if not quantizer.codebooks():
         raise ValueError(
             f"{name!r} has no codebook that k-means calibrates (its projections are learned): train it instead"
         )
@@ -36,20 +36,14 @@ def calibrate_quantizer(name: str, vectors: torch.Tensor, passes: int = 4, **kwa
     return quantizer.eval()
 
 
-def codebook_bits(module: torch.nn.Module) -> int:
-    """Bits of a quantizer's (or codec's) shared tensors in float16: its parameters and codebooks."""
-    tensors = [*module.parameters(), *(b for n, b in module.named_buffers() if n.endswith("embed"))]
-    return METADATA_BITS * sum(t.numel() for t in tensors)
-
-
 class QuantizerLayerCache(LayerCache):
     r"""One layer's cache storing every key and value vector as the codes of a library quantizer.
 
     Args:
         key_quantizer, value_quantizer: quantizers with ``dim == head_dim`` (e.g. from
             :func:`calibrate_quantizer`, or trained by ``KVTokenizerModule``); used in eval mode.
-        count_codebooks: add the quantizers' parameters and codebooks in float16 to :meth:`stored_bits`
-            (off when they are shared by many sequences). Default: False.
+        count_codebooks: add the quantizers' parameters and codebooks (:func:`~tokenizers_q.memory.shared_bits`)
+            to :meth:`stored_bits` (off when they are shared by many sequences). Default: False.
     """
 
     def __init__(self, key_quantizer: Quantizer, value_quantizer: Quantizer, count_codebooks: bool = False):
@@ -81,7 +75,7 @@ class QuantizerLayerCache(LayerCache):
         """The packed codes, and with ``count_codebooks`` the quantizers' tables."""
         bits = sum(stored.stored_bits() for stored in self.codes)
         if self.count_codebooks:
-            bits += sum(codebook_bits(quantizer) for quantizer in self.quantizers)
+            bits += sum(shared_bits(quantizer) for quantizer in self.quantizers)
         return bits
 
     def attend(self, queries, scale=None, mask=None):

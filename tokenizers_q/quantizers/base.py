@@ -3,8 +3,12 @@
 Every quantizer takes channel-last input ``(..., dim)`` (or channel-first maps
 with ``channel_first=True``), returns a :class:`QuantizerOutput`, and offers
 ``encode`` / ``decode`` with ``decode(encode(x)) == forward(x).quantized`` in
-eval mode. Subclasses implement three methods on flattened rows:
-``_forward_flat``, ``_decode_flat`` and the ``spec`` property.
+eval mode. ``encode``, ``decode`` and ``forward`` take flat rows ``(N, dim)`` as
+well as any leading shape. Others read a quantizer through its public parts only:
+``spec`` (the token layout), ``sub_quantizers`` (one single-codebook quantizer per
+code column), ``codebooks()`` (the stored codebook tensors) and ``code_vectors()``
+(the vector of every code of every codebook). Subclasses implement
+``_forward_flat``, ``_decode_flat`` and ``spec`` on flattened rows.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.checks import check_finite, check_int, max_magnitude
 from tokenizers_q.packing import TokenSpec
 
 
@@ -69,12 +73,6 @@ def create_quantizer(name: str, **kwargs) -> Quantizer:
     return quantizer
 
 
-def check_dim(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -124,7 +122,7 @@ class Quantizer(nn.Module):
 
     def __init__(self, dim: int, channel_first: bool = False):
         super().__init__()
-        self.dim = check_dim("dim", dim)
+        self.dim = check_int("dim", dim)
         self.channel_first = channel_first
 
     # -- implemented by subclasses -------------------------------------------------
@@ -146,6 +144,36 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     # -- the public contract -------------------------------------------------------
+    @property
+    def sub_quantizers(self) -> list[Quantizer]:
+        """The single-codebook quantizers whose codes make up this one's, one per code column: RVQ's stages and
+        PQ's groups (flattened when nested); ``[self]`` for a quantizer with one codebook."""
+        if self.spec.num_codebooks == 1:
+            return [self]
+        raise ValueError(f"{type(self).__name__} has {self.spec.num_codebooks} codebooks but lists no sub-quantizers")
+
+    def codebooks(self) -> list[torch.Tensor]:
+        """The stored codebook tensors (one (K, e) table of every :class:`~tokenizers_q.codebook.Codebook` inside,
+        in module order); empty for quantizers whose codes are implicit (FSQ, BSQ/LFQ)."""
+        from tokenizers_q.codebook import Codebook
+
+        return [module.embed for module in self.modules() if isinstance(module, Codebook)]
+
+    @torch.no_grad()
+    def code_vectors(self) -> list[torch.Tensor]:
+        """The vector of every code of every codebook, in the space its sub-quantizer reads (before an enclosing
+        quantizer's output projection): one (K_c, e_c) float32 tensor per code column.
+
+        Shapes:
+            - output: list of ``spec.num_codebooks`` tensors (codebook_size_c, e_c)
+        """
+        vectors = []
+        for part in self.sub_quantizers:
+            size = part.spec.codebook_sizes[0]
+            device = next(iter([*part.parameters(), *part.buffers()]), torch.empty(0)).device
+            vectors.append(part._decode_flat(torch.arange(size, device=device).unsqueeze(1)).float())
+        return vectors
+
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Validate ``x`` and return its channel-last rows (N, dim) and leading shape."""
         name = type(self).__name__

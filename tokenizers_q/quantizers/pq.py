@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.metrics import merge_metrics
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers.base import (
     Quantizer,
     QuantizerOutput,
-    check_dim,
     create_quantizer,
     register_quantizer,
 )
@@ -48,7 +48,7 @@ class PQ(Quantizer):
     ):
         super().__init__(dim, channel_first)
         quantizer_kwargs = {**(quantizer_kwargs or {}), **kwargs}
-        check_dim("num_groups", num_groups)
+        check_int("num_groups", num_groups)
         if dim % num_groups:
             raise ValueError(f"PQ needs dim divisible by num_groups, got dim={dim}, num_groups={num_groups}")
         self.num_groups, self.group_dim = num_groups, dim // num_groups
@@ -58,6 +58,10 @@ class PQ(Quantizer):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_groups={self.num_groups}, group_dim={self.group_dim}"
+
+    @property
+    def sub_quantizers(self) -> list[Quantizer]:
+        return [part for stage in self.groups for part in stage.sub_quantizers]
 
     @property
     def spec(self) -> TokenSpec:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.metrics import merge_metrics
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers.base import (
     Quantizer,
     QuantizerOutput,
-    check_dim,
     create_quantizer,
     projections,
     register_quantizer,
@@ -63,12 +63,12 @@ class RVQ(Quantizer):
     ):
         super().__init__(dim, channel_first)
         quantizer_kwargs = {**(quantizer_kwargs or {}), **kwargs}
-        check_dim("num_quantizers", num_quantizers)
+        check_int("num_quantizers", num_quantizers)
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ValueError(
                 f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
             )
-        inner_dim = check_dim("codebook_dim", codebook_dim if codebook_dim is not None else dim)
+        inner_dim = check_int("codebook_dim", codebook_dim if codebook_dim is not None else dim)
         self.project_in, self.project_out = projections(dim, inner_dim)
         self.layers = nn.ModuleList(
             create_quantizer(quantizer, dim=inner_dim, **quantizer_kwargs) for _ in range(num_quantizers)
@@ -81,6 +81,10 @@ class RVQ(Quantizer):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_quantizers={self.num_quantizers}, quantize_dropout={self.quantize_dropout}"
+
+    @property
+    def sub_quantizers(self) -> list[Quantizer]:
+        return [part for stage in self.layers for part in stage.sub_quantizers]
 
     @property
     def spec(self) -> TokenSpec:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.codebook import Codebook
 from tokenizers_q.packing import TokenSpec
 from tokenizers_q.quantizers.base import (
     Quantizer,
     QuantizerOutput,
-    check_dim,
     projections,
     register_quantizer,
     straight_through,
@@ -86,7 +86,7 @@ class VQ(Quantizer):
         max_elements: int | None = None,
     ):
         super().__init__(dim, channel_first)
-        codebook_dim = check_dim("codebook_dim", codebook_dim if codebook_dim is not None else dim)
+        codebook_dim = check_int("codebook_dim", codebook_dim if codebook_dim is not None else dim)
         if commitment_weight < 0 or codebook_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got commitment_weight={commitment_weight}, "
