@@ -123,7 +123,7 @@ def calibration_kv(calibration: dict, layer: int, pre_rope: bool) -> tuple[torch
 
 
 def cache_factory(method: str, calibration: dict | None, model, args):
-    """A function making a fresh cache of ``method``, and the float16 bits of its shared codebooks."""
+    """A function making a fresh cache of ``method``, and the bits of its shared codebooks (in their stored dtype)."""
     num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
     scalar = {
         "fp": None,
@@ -152,7 +152,7 @@ def cache_factory(method: str, calibration: dict | None, model, args):
         return make, 0
     if method.startswith("cq-"):
         bits = int(method.split("-")[1])
-        config = CQConfig(channels=8 // bits, bits=8, kmeans_iters=args.kmeans_iters)
+        config = CQConfig(group_size=8 // bits, codebook_size=256, kmeans_iters=args.kmeans_iters)
         books = []
         for i in range(num_layers):
             keys, values, key_fisher, value_fisher = calibration_kv(calibration, i, pre_rope)
@@ -231,7 +231,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         start = time.perf_counter()
-        make, shared_bits = cache_factory(method, calibration, model, args)
+        make, shared = cache_factory(method, calibration, model, args)
         nll, agree, tokens, errors, bits = 0.0, 0, 0, [], []
         for ids, (ref_logits, ref_attention) in zip(held_out, reference):
             cache = make()
@@ -251,7 +251,7 @@ def main() -> None:
                 "attn_mean": per_layer.mean().item(),
                 "attn_max": per_layer.max().item(),
                 "bits": sum(bits) / len(bits),
-                "shared_kb": shared_bits / 8 / 1024,
+                "shared_kb": shared / 8 / 1024,
                 "seconds": time.perf_counter() - start,
             }
         )

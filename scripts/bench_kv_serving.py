@@ -50,7 +50,9 @@ def calibrated(calibration: dict, num_layers: int, head_dim: int, methods: list[
         keys = apply_rotary(calibration["keys"][:, layer].float(), calibration["cos"], calibration["sin"])
         values = calibration["values"][:, layer].float()
         if "cq-2" in methods:
-            made["cq-2"].append(CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=8, kmeans_iters=10)))
+            made["cq-2"].append(
+                CoupledCodebooks.fit(keys, values, CQConfig(group_size=4, codebook_size=256, kmeans_iters=10))
+            )
         if "rvq-2" in methods:  # 16 codes of 8 bits over 64 channels: 2 bits per element
             rvq = {"num_quantizers": head_dim // 4, "codebook_size": 256}
             pair = [calibrate_quantizer("rvq", x.reshape(-1, head_dim), passes=2, **rvq) for x in (keys, values)]

@@ -207,7 +207,7 @@ def _calibration_kind() -> Kind:
     for v in (0, 1):
         g = torch.Generator().manual_seed(v)
         keys, values = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
-        codebooks = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=4, kmeans_iters=3))
+        codebooks = CoupledCodebooks.fit(keys, values, CQConfig(group_size=4, codebook_size=16, kmeans_iters=3))
         quantizers = tuple(calibrate_quantizer("vq", x.reshape(-1, 16), 1, codebook_size=16) for x in (keys, values))
         bounds = outlier_bounds(keys, 0.02), outlier_bounds(values, 0.02)
         variants.append([calibration_module.LayerCalibration(codebooks, quantizers, *bounds)] * 2)

@@ -56,7 +56,7 @@ def test_bad_input():
         quantize_grid(torch.randn(4), 0)
     with pytest.raises(ValueError, match="group_size must divide the size 10 of axis 0, got 4"):
         quantize_grid(torch.randn(10), 4, group_size=4)
-    with pytest.raises(TypeError, match="floating-point tensor"):
+    with pytest.raises(TypeError, match="x must be floating point, got dtype torch.int64"):
         quantize_grid(torch.arange(4), 4)
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         quantize_grid(torch.randn(4, 4), 4, axis=2)

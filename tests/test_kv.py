@@ -92,7 +92,7 @@ def test_bad_input_is_reported():
         cache.update(torch.randn(1, 2, 1, 64, dtype=torch.bfloat16), torch.randn(1, 2, 1, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="must have the same shape"):
         cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 2, 64))
-    with pytest.raises(ValueError, match=r"float tensor \(batch, heads, tokens, head_dim\)"):
+    with pytest.raises(ValueError, match=r"keys must be \(batch, heads, tokens, head_dim\), got shape \(2, 1, 64\)"):
         cache.update(torch.randn(2, 1, 64), torch.randn(2, 1, 64))
     with pytest.raises(ValueError, match="key_bits must be an int in \\[1, 8\\], got 9"):
         KIVIConfig(key_bits=9)
@@ -139,7 +139,7 @@ def correlated_kv(tokens: int, seed: int, heads: int = 2, dim: int = 16) -> tupl
 
 
 def test_coupled_quantization_beats_per_channel_grids_at_equal_bits():
-    config = CQConfig(channels=4, bits=8)  # 2 bits per channel
+    config = CQConfig(group_size=4, codebook_size=256)  # 2 bits per channel
     codebooks = CoupledCodebooks.fit(*correlated_kv(2000, seed=0), config)
     assert codebooks.keys.shape == (2, 4, 256, 4) and codebooks.keys.dtype == torch.float16
     keys, values = correlated_kv(64, seed=1)  # held out
@@ -149,14 +149,16 @@ def test_coupled_quantization_beats_per_channel_grids_at_equal_bits():
     kivi_keys, kivi_values = kivi.update(keys, values)
     for got_cq, got_kivi, want in ((cq_keys, kivi_keys, keys), (cq_values, kivi_values, values)):
         assert (got_cq - want).norm() < 0.5 * (got_kivi - want).norm()
-    assert cq.bits_per_element() == config.bits_per_channel == 2.0  # codes only: the centroids are shared
+    assert cq.bits_per_element() == config.bits_per_element() == 2.0  # codes only: the centroids are shared
     counted = CQLayerCache(codebooks, count_codebooks=True)
     counted.update(keys, values)
     assert counted.stored_bits() == cq.stored_bits() + 2 * 2 * 4 * 256 * 4 * 16
 
 
 def test_coupled_cache_is_append_only_and_checks_heads():
-    codebooks = CoupledCodebooks.fit(*correlated_kv(300, seed=0), CQConfig(channels=8, bits=4, kmeans_iters=5))
+    codebooks = CoupledCodebooks.fit(
+        *correlated_kv(300, seed=0), CQConfig(group_size=8, codebook_size=16, kmeans_iters=5)
+    )
     cache = CQLayerCache(codebooks)
     keys, values = correlated_kv(10, seed=2)
     first, _ = cache.update(keys, values)
@@ -166,15 +168,31 @@ def test_coupled_cache_is_append_only_and_checks_heads():
     assert cache.bits_per_element() == (8 * 0.5 + 7 * 1) / 15  # 8 tokens packed, 7 waiting as uint8
     with pytest.raises(ValueError, match="fitted for 2 heads of dim 16, got 3 heads of dim 16"):
         CQLayerCache(codebooks).update(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
-    with pytest.raises(ValueError, match="channels=5 must divide head_dim 16"):
-        CoupledCodebooks.fit(*correlated_kv(10, seed=0), CQConfig(channels=5))
+    with pytest.raises(ValueError, match="group_size=5 must divide head_dim 16"):
+        CoupledCodebooks.fit(*correlated_kv(10, seed=0), CQConfig(group_size=5))
+
+
+def test_cq_settings_check_their_values_and_read_the_earlier_names():
+    with pytest.raises(ValueError, match="codebook_size must be a power of two .* got 100"):
+        CQConfig(codebook_size=100)
+    with pytest.raises(ValueError, match=r"codebook_size must be an int in \[2, 65536\], got 1"):
+        CQConfig(codebook_size=1)
+    with pytest.raises(TypeError, match="group_size must be an int, got '4'"):
+        CQConfig(group_size="4")
+    config = CQConfig(group_size=8, codebook_size=16)
+    assert config.code_bits == 4 and config.bits_per_element() == 0.5
+    assert CQConfig.from_dict(config.to_dict()) == config
+    with pytest.warns(DeprecationWarning, match="channels -> group_size"):
+        with pytest.warns(DeprecationWarning, match="bits -> codebook_size"):
+            old = CQConfig.from_dict({"channels": 8, "bits": 4, "kmeans_iters": 20, "seed": 0}, "old codebooks")
+    assert old == config
 
 
 def test_fisher_weights_pull_centroids_towards_heavy_vectors():
     keys, values = correlated_kv(400, seed=0)
     weights = torch.ones(1, 2, 400)
     weights[:, :, :40] = 100.0  # the first tokens matter most
-    config = CQConfig(channels=4, bits=2, kmeans_iters=10)
+    config = CQConfig(group_size=4, codebook_size=4, kmeans_iters=10)
     plain = CQLayerCache(CoupledCodebooks.fit(keys, values, config))
     weighted = CQLayerCache(CoupledCodebooks.fit(keys, values, config, weights, weights))
     heavy = keys[:, :, :40]
@@ -333,7 +351,7 @@ def kv_caches():
 
     keys, values = correlated_kv(600, seed=0, dim=64)
     vq = [calibrate_quantizer("vq", x.reshape(-1, 64), passes=1, codebook_size=256) for x in (keys, values)]
-    cq = CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=8, kmeans_iters=3))
+    cq = CoupledCodebooks.fit(keys, values, CQConfig(group_size=4, codebook_size=256, kmeans_iters=3))
     bounds = [outlier_bounds(x, 0.01) for x in (keys, values)]
     kivi = KIVIConfig(2, 2, group_size=32, window=32, window_dtype=torch.float16)
     return [
@@ -462,7 +480,7 @@ def test_calibrations_save_and_load_as_caches_that_store_the_same_codes(tmp_path
 
     keys, values = correlated_kv(400, seed=0)
     calibration = LayerCalibration(
-        CoupledCodebooks.fit(keys, values, CQConfig(channels=4, bits=6, kmeans_iters=3)),
+        CoupledCodebooks.fit(keys, values, CQConfig(group_size=4, codebook_size=64, kmeans_iters=3)),
         tuple(
             calibrate_quantizer("rvq", x.reshape(-1, 16), 1, num_quantizers=2, codebook_size=32) for x in (keys, values)
         ),

@@ -276,7 +276,7 @@ def kv(tokens: int, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cache_makers():
     torch.manual_seed(0)
-    codebooks = CoupledCodebooks.fit(*kv(64), CQConfig(channels=4, bits=3, kmeans_iters=2))
+    codebooks = CoupledCodebooks.fit(*kv(64), CQConfig(group_size=4, codebook_size=8, kmeans_iters=2))
     vq = calibrate_quantizer("vq", torch.randn(64, 16), passes=1, codebook_size=8)
     kivi = KIVIConfig(group_size=8, window=4)
     return {
@@ -320,7 +320,7 @@ def test_kv_caches_take_zero_new_tokens(kind):
 def test_kv_calibration_rejects_non_finite_data():
     keys, values = kv(32)
     with pytest.raises(ValueError, match="keys tensor holds 1 non-finite value"):
-        CoupledCodebooks.fit(with_bad(keys, float("nan"), 0, 0, 0, 0), values, CQConfig(channels=4, bits=2))
+        CoupledCodebooks.fit(with_bad(keys, float("nan"), 0, 0, 0, 0), values, CQConfig(group_size=4, codebook_size=4))
     with pytest.raises(ValueError, match="outlier_bounds: calibration keys or values holds 1 non-finite value"):
         outlier_bounds(with_bad(keys, float("inf"), 0, 0, 0, 0), 0.1)
     with pytest.raises(ValueError, match="calibrate_quantizer: vectors holds 1 non-finite value"):

@@ -24,9 +24,9 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum or (maximum is not None and value > maximum):
         if maximum is not None:
-            expected = f"in [{minimum}, {maximum}]"
+            expected = f"an int in [{minimum}, {maximum}]"
         else:
-            expected = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+            expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value
 

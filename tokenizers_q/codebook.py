@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.checks import check_choice, check_finite, check_int, max_magnitude
 from tokenizers_q.distributed import all_gather_rows, all_reduce_sum_, broadcast_, is_distributed
 from tokenizers_q.kmeans import INITS, kmeans
 from tokenizers_q.metrics import code_counts, usage_metrics
@@ -91,19 +91,16 @@ class Codebook(nn.Module):
         max_elements: int | None = None,
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("codebook_size", codebook_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("dim", dim)
+        check_int("codebook_size", codebook_size)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if threshold_ema_dead_code < 0:
             raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
-        if kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
-        if kmeans_seeding not in INITS:
-            raise ValueError(f"kmeans_seeding must be one of {INITS}, got {kmeans_seeding!r}")
-        if max_elements is not None and max_elements < 1:
-            raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+        check_int("kmeans_iters", kmeans_iters, 0)
+        check_choice("kmeans_seeding", kmeans_seeding, INITS)
+        if max_elements is not None:
+            check_int("max_elements", max_elements)
         self.dim, self.codebook_size = dim, codebook_size
         self.use_cosine_sim, self.kmeans_init, self.kmeans_iters = use_cosine_sim, kmeans_init, kmeans_iters
         self.kmeans_seeding, self.ema_update, self.decay, self.eps = kmeans_seeding, ema_update, decay, eps

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from tokenizers_q.checks import check_float_tensor, check_int
+
 METADATA_BITS = 16  # scales and offsets are stored in float16 / bfloat16
 
 
@@ -34,16 +36,14 @@ class GridCodes(NamedTuple):
 
 
 def _check(x: torch.Tensor, bits: int, axis: int, group_size: int | None) -> tuple[int, int]:
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-        raise TypeError(f"expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+    check_float_tensor("x", x)
+    check_int("bits", bits, 1, 16)
     if x.dim() == 0 or not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
     axis = axis % x.dim()
     length = x.shape[axis]
     group_size = length if group_size is None else group_size
-    if not isinstance(group_size, int) or group_size < 1 or length % group_size:
+    if check_int("group_size", group_size) and length % group_size:
         raise ValueError(f"group_size must divide the size {length} of axis {axis}, got {group_size!r}")
     return axis, group_size
 
@@ -106,6 +106,5 @@ def dequantize_grid(codes: GridCodes, dtype: torch.dtype = torch.float32) -> tor
 
 def grid_bits_per_element(bits: int, group_size: int, symmetric: bool = False) -> float:
     """Stored bits per element: the level plus the group's float16 scale (and offset) shared by its elements."""
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    check_int("group_size", group_size)
     return bits + (1 if symmetric else 2) * METADATA_BITS / group_size

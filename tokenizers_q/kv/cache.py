@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from tokenizers_q.checks import check_finite
+from tokenizers_q.checks import check_finite, check_float_tensor
 from tokenizers_q.kv.buffer import TokenBuffer
 
 
 def check_kv(keys: torch.Tensor, values: torch.Tensor, expected: tuple[int, int, int] | None, dtype) -> None:
     """Raise a clear error unless keys and values are finite (B, H, T, D) float tensors matching the cache so far."""
     for name, t in (("keys", keys), ("values", values)):
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 4:
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a float tensor (batch, heads, tokens, head_dim), got {got}")
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
         check_finite(t, f"{name} tensor", hint="look for an overflow in the model (e.g. float16 activations)")
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_q.files import current_arguments, read_artifact, write_artifact
+from tokenizers_q.files import read_artifact, write_artifact
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 
@@ -61,7 +61,7 @@ def save_calibration(path: str | os.PathLike, layers: Sequence[LayerCalibration]
     for index, layer in enumerate(layers):
         entry = {"shape": layer.shape()}
         if layer.codebooks is not None:
-            entry["codebooks"] = dataclasses.asdict(layer.codebooks.config)
+            entry["codebooks"] = layer.codebooks.config.to_dict()
             tensors[f"{index}.codebooks.keys"] = layer.codebooks.keys
             tensors[f"{index}.codebooks.values"] = layer.codebooks.values
         if layer.quantizers is not None:
@@ -112,7 +112,7 @@ def load_calibration(
 def _layer(entry: dict, index: int, tensors: dict[str, torch.Tensor]) -> LayerCalibration:
     layer = LayerCalibration()
     if "codebooks" in entry:
-        config = CQConfig(**current_arguments(entry["codebooks"], f"layer {index}'s CQ codebooks"))
+        config = CQConfig.from_dict(entry["codebooks"], f"layer {index}'s CQ codebooks")
         keys, values = tensors[f"{index}.codebooks.keys"], tensors[f"{index}.codebooks.values"]
         layer.codebooks = CoupledCodebooks(keys, values, config)
     if "quantizers" in entry:

@@ -1,8 +1,8 @@
 """Coupled quantization of KV caches (CQ, "KV Cache is 1 Bit Per Channel", Zhang et al., 2024).
 
-Channels of each head are split into groups of ``channels``; each group of a key
+Channels of each head are split into groups of ``group_size``; each group of a key
 (or value) vector is replaced by the index of its nearest centroid among
-``2^bits`` learned jointly for those channels by (optionally Fisher-weighted)
+``codebook_size`` learned jointly for those channels by (optionally Fisher-weighted)
 k-means on calibration keys and values. Coupling channels lets 8-bit codes over
 4 channels (2 bits per channel) or 8 channels (1 bit per channel) keep the
 channels' joint structure that per-channel grids lose.
@@ -10,10 +10,13 @@ channels' joint structure that per-channel grids lose.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 
 import torch
 
+from tokenizers_q.checks import check_int
+from tokenizers_q.files import RENAMED_ARGUMENTS, current_arguments
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.kv.buffer import PackedTokens
@@ -28,33 +31,53 @@ class CQConfig:
     r"""Settings of coupled quantization.
 
     Args:
-        channels: channels coupled in one code (must divide head_dim). Default: 4.
-        bits: bits per code, ``2^bits`` centroids per channel group. Default: 8 (2 bits per channel at 4 channels).
+        group_size: channels coupled in one code (must divide head_dim). Default: 4.
+        codebook_size: centroids per channel group, a power of two in [2, 65536]. Default: 256 (8-bit codes:
+            2 bits per channel at 4 channels).
         kmeans_iters: k-means iterations. Default: 20.
         seed: k-means seeding. Default: 0.
     """
 
-    channels: int = 4
-    bits: int = 8
+    group_size: int = 4
+    codebook_size: int = 256
     kmeans_iters: int = 20
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.channels, int) or self.channels < 1:
-            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
-            raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
+        check_int("group_size", self.group_size)
+        check_int("codebook_size", self.codebook_size, 2, 2**16)
+        if self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of two (codes are packed bits), got {self.codebook_size}")
+        check_int("kmeans_iters", self.kmeans_iters, 0)
 
     @property
-    def bits_per_channel(self) -> float:
-        return self.bits / self.channels
+    def code_bits(self) -> int:
+        """Bits of one code: ``log2(codebook_size)``."""
+        return self.codebook_size.bit_length() - 1
+
+    def bits_per_element(self) -> float:
+        """Code bits per key or value channel (the shared centroids not counted)."""
+        return self.code_bits / self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict, what: str = "CQ settings") -> CQConfig:
+        """Settings as saved by :meth:`to_dict`; files of the earlier names (``channels``, and ``bits`` for
+        ``codebook_size = 2^bits``) load with a ``DeprecationWarning``."""
+        arguments = current_arguments(stored, what, {**RENAMED_ARGUMENTS, "channels": "group_size"})
+        if "bits" in arguments:
+            warnings.warn(f"{what} was saved with bits -> codebook_size (2^bits); save it again", DeprecationWarning, 2)
+            arguments["codebook_size"] = 2 ** arguments.pop("bits")
+        return cls(**arguments)
 
 
 class CoupledCodebooks:
     r"""One layer's centroids for keys and values, per head and channel group.
 
     Shapes:
-        - keys, values: (heads, head_dim / channels, 2^bits, channels), float16
+        - keys, values: (heads, head_dim / group_size, codebook_size, group_size), float16
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: CQConfig):
@@ -80,18 +103,19 @@ class CoupledCodebooks:
         """
         check_kv(keys, values, None, None)
         dim = keys.shape[-1]
-        if dim % config.channels:
-            raise ValueError(f"channels={config.channels} must divide head_dim {dim}")
+        if dim % config.group_size:
+            raise ValueError(f"group_size={config.group_size} must divide head_dim {dim}")
         generator = torch.Generator(device=keys.device).manual_seed(config.seed)
         books = []
         for x, w in ((keys, key_weights), (values, value_weights)):
-            groups = _groups(x, config.channels)  # (H * G, B * T, c)
+            groups = _groups(x, config.group_size)  # (H * G, B * T, c)
             weights = None
             if w is not None:
-                weights = w.permute(1, 0, 2).reshape(x.shape[1], 1, -1).expand(-1, dim // config.channels, -1)
+                weights = w.permute(1, 0, 2).reshape(x.shape[1], 1, -1).expand(-1, dim // config.group_size, -1)
                 weights = weights.reshape(groups.shape[:2])
-            result = kmeans(groups, 2**config.bits, config.kmeans_iters, weights, generator=generator)
-            books.append(result.centroids.reshape(x.shape[1], dim // config.channels, 2**config.bits, config.channels))
+            result = kmeans(groups, config.codebook_size, config.kmeans_iters, weights, generator=generator)
+            shape = (x.shape[1], dim // config.group_size, config.codebook_size, config.group_size)
+            books.append(result.centroids.reshape(shape))
         return cls(books[0], books[1], config)
 
     def stored_bits(self) -> int:
@@ -99,21 +123,21 @@ class CoupledCodebooks:
         return (self.keys.numel() + self.values.numel()) * METADATA_BITS
 
 
-def _groups(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, H, T, D) -> (H * D / channels, B * T, channels): one k-means / search problem per head and group."""
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B, H, T, D) -> (H * D / group_size, B * T, group_size): one k-means / search problem per head and group."""
     b, h, t, d = x.shape
     return (
         x.float()
-        .reshape(b, h, t, d // channels, channels)
+        .reshape(b, h, t, d // group_size, group_size)
         .permute(1, 3, 0, 2, 4)
-        .reshape(h * d // channels, b * t, channels)
+        .reshape(h * d // group_size, b * t, group_size)
     )
 
 
 class CQLayerCache(LayerCache):
     r"""One layer's coupled-quantization cache: every token stored as codes (no full-precision window).
 
-    The codes are held packed at ``bits`` each (:class:`~tokenizers_q.kv.buffer.PackedTokens`);
+    The codes are held packed at ``log2(codebook_size)`` bits each (:class:`~tokenizers_q.kv.buffer.PackedTokens`);
     ``update`` returns the centroids they name and keeps nothing of them. ``stored_bits`` counts the codes
     and, with ``count_codebooks``, the layer's centroids (amortised over the tokens of this cache; off when
     they are shared by many sequences).
@@ -122,7 +146,7 @@ class CQLayerCache(LayerCache):
     def __init__(self, codebooks: CoupledCodebooks, count_codebooks: bool = False):
         super().__init__()
         self.codebooks, self.count_codebooks = codebooks, count_codebooks
-        spec, groups = TokenSpec((2**codebooks.config.bits,)), codebooks.keys.shape[1]
+        spec, groups = TokenSpec((codebooks.config.codebook_size,)), codebooks.keys.shape[1]
         self.codes = (PackedTokens(spec, groups), PackedTokens(spec, groups))  # keys, values: (B, H, T, groups)
 
     def _append(self, keys, values):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.compiled import Compiled
 from tokenizers_q.grids import quantize_grid
 from tokenizers_q.kv import loops
@@ -85,13 +86,9 @@ class KIVIConfig:
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 8:
-                raise ValueError(f"{name} must be an int in [1, 8], got {value!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
-        if not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"window must be a non-negative int, got {self.window!r}")
+            check_int(name, getattr(self, name), 1, 8)
+        check_int("group_size", self.group_size)
+        check_int("window", self.window, 0)
         if self.window_dtype is not None and not (
             isinstance(self.window_dtype, torch.dtype) and self.window_dtype.is_floating_point
         ):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenizers_q.checks import check_finite
+from tokenizers_q.checks import check_finite, check_int
 from tokenizers_q.kv.buffer import PackedTokens
 from tokenizers_q.kv.cache import LayerCache
 from tokenizers_q.kv.tables import quantizer_tables, table_attention, tables_pay
@@ -22,8 +22,7 @@ def calibrate_quantizer(name: str, vectors: torch.Tensor, passes: int = 4, **kwa
     """
     if vectors.dim() != 2:
         raise ValueError(f"expected calibration vectors (N, head_dim), got {tuple(vectors.shape)}")
-    if not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"passes must be a positive int, got {passes!r}")
+    check_int("passes", passes)
     check_finite(vectors, "calibrate_quantizer: vectors")
     quantizer = create_quantizer(name, dim=vectors.shape[1], **kwargs).to(vectors.device).train()
     if not quantizer.codebooks():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenizers_q.checks import check_finite
+from tokenizers_q.checks import check_finite, check_int
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kv.buffer import TokenBuffer
 from tokenizers_q.kv.cache import LayerCache
@@ -62,8 +62,7 @@ class DenseAndSparseLayerCache(LayerCache):
         super().__init__()
         if not isinstance(inner, LayerCache):
             raise TypeError(f"inner must be a LayerCache, got {type(inner).__name__}")
-        if not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+        check_int("sink_tokens", sink_tokens, 0)
         self.inner, self.sink_tokens, self.bounds = inner, sink_tokens, (key_bounds, value_bounds)
         self.sink: list[torch.Tensor] | None = None
         # per keys / values: each outlier's int32 index ``t * B * H * D + (b * H + h) * D + d`` (t counted in

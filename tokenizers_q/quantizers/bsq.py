@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tokenizers_q.checks import check_choice
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.packing import MAX_BITS, TokenSpec
 from tokenizers_q.quantizers.base import Quantizer, QuantizerOutput, projections, register_quantizer, straight_through
@@ -90,8 +91,7 @@ class LFQ(Quantizer):
                 f"entropy_loss_weight={entropy_loss_weight}, commitment_weight={commitment_weight}, "
                 f"inv_temperature={inv_temperature}"
             )
-        if codebook_entropy not in CODEBOOK_ENTROPIES:
-            raise ValueError(f"codebook_entropy must be one of {CODEBOOK_ENTROPIES}, got {codebook_entropy!r}")
+        check_choice("codebook_entropy", codebook_entropy, CODEBOOK_ENTROPIES)
         self.bits, self.codebook_size = bits, 2**bits
         self.exact_entropy = codebook_entropy == "exact" or (
             codebook_entropy == "auto" and self.codebook_size <= EXACT_ENTROPY_MAX_CODES

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from tokenizers_q.checks import check_finite
+from tokenizers_q.checks import check_finite, check_float_tensor, check_int
 from tokenizers_q.files import current_arguments
 from tokenizers_q.packing import TokenSpec, code_planes, pack_codes, planes_per_group, unpack_codes
 
@@ -111,13 +111,13 @@ class WeightQuantConfig:
 
 
 def check_bits(bits, low: int = 1, high: int = 8) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
-        raise ValueError(f"bits must be an int in [{low}, {high}], got {bits!r}")
+    check_int("bits", bits, low, high)
 
 
 def check_weight(weight: torch.Tensor, hessian: torch.Tensor | None, needs_hessian: bool) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise ValueError(f"expected a float weight matrix (out, in), got {getattr(weight, 'shape', weight)!r}")
+    check_float_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a matrix (out, in), got shape {tuple(weight.shape)}")
     if needs_hessian and hessian is None:
         raise ValueError("this config needs calibration data: pass calibration batches to quantize_")
     if hessian is not None and hessian.shape != (weight.shape[1], weight.shape[1]):

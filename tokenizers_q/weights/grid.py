@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizers_q.checks import check_choice, check_int
 from tokenizers_q.grids import GridCodes, quantize_grid
 from tokenizers_q.packing import code_dtype
 from tokenizers_q.weights.config import (
@@ -49,10 +50,8 @@ class IntGridConfig(WeightQuantConfig):
         check_bits(self.bits, 2, 8)
         if self.act_order and not self.gptq:
             raise ValueError("act_order orders the columns of GPTQ: set gptq=True")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_int("group_size", self.group_size)
 
     @property
     def needs_hessian(self) -> bool:

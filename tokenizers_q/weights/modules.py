@@ -60,10 +60,13 @@ class QuantizedWeight(nn.Module):
         self._cached = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def stored_bits(self) -> int:
+        """Every stored bit of the weight (codes, scales, offsets, codebooks) in its stored dtype; no bias."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8 for n in self.stored)
+
     def bits_per_weight(self) -> float:
-        """Every stored bit (codes, scales, offsets, codebooks) over the number of weights; no bias."""
-        stored = sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8 for n in self.stored)
-        return stored / (self.shape[0] * self.shape[1])
+        """:meth:`stored_bits` over the number of weights."""
+        return self.stored_bits() / (self.shape[0] * self.shape[1])
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, method={self.config.method}, bits_per_weight={self.bits_per_weight():.3f}"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
@@ -38,8 +39,7 @@ class NF4Config(WeightQuantConfig):
     group_size: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        check_int("group_size", self.group_size)
 
     def quantize(self, weight, hessian=None):
         check_weight(weight, hessian, False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizers_q.checks import check_choice
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
@@ -45,8 +46,7 @@ class KMeansConfig(WeightQuantConfig):
 
     def __post_init__(self):
         check_bits(self.bits, 1, 8)
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         if self.act_order and not self.gptq:
             raise ValueError("act_order orders the columns of GPTQ: set gptq=True")
 
