@@ -175,7 +175,12 @@ def fit_add_search(fit, add, search, size, queries):
 
 def run_ours(spec, database, queries, nprobe):
     codec = EmbeddingCodec(
-        database.shape[1], spec["method"], spec["m"], spec["bits"], num_lists=spec["lists"], beam=spec["beam"]
+        database.shape[1],
+        spec["method"],
+        spec["m"],
+        codebook_size=2 ** spec["bits"],
+        num_lists=spec["lists"],
+        beam=spec["beam"],
     )
     train, encode, (_, ids), search = fit_add_search(
         lambda: codec.fit(database[:50_000]),
@@ -185,7 +190,7 @@ def run_ours(spec, database, queries, nprobe):
         queries,
     )
     mse = (codec.decode(codec.database) - database).pow(2).sum() / database.pow(2).sum()
-    return codec.bytes_per_vector, mse.item(), ids, train, encode, search
+    return codec.bits_per_vector() // 8, mse.item(), ids, train, encode, search
 
 
 def run_faiss(spec, database, queries, nprobe):

@@ -52,7 +52,7 @@ METHODS = {
     "int3-g128-asym": IntGridConfig(3, group_size=128, symmetric=False),
     "kmeans-3": KMeansConfig(3, kmeans_iters=10),
     "ternary": TernaryConfig(),
-    "vector-2": VectorCodebookConfig(dim=4, codebook_size=256, kmeans_iters=5),
+    "vector-2": VectorCodebookConfig(group_size=4, codebook_size=256, kmeans_iters=5),
 }
 
 

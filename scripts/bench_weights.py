@@ -51,8 +51,8 @@ OURS = {
     "kmeans-3-act": KMeansConfig(3, weighting="activation"),
     "kmeans-3-act-gptq-ord": KMeansConfig(3, weighting="activation", gptq=True, act_order=True),
     "kmeans-2-act-gptq-ord": KMeansConfig(2, weighting="activation", gptq=True, act_order=True),
-    "vector-2": VectorCodebookConfig(dim=4, codebook_size=256),
-    "vector-2-refined": VectorCodebookConfig(dim=4, codebook_size=256, refine_steps=200),
+    "vector-2": VectorCodebookConfig(group_size=4, codebook_size=256),
+    "vector-2-refined": VectorCodebookConfig(group_size=4, codebook_size=256, refine_iters=200),
     "ternary": TernaryConfig("channel"),
 }
 ANCHORS = ("torchao-int8", "torchao-int4-g128", "bnb-nf4")

@@ -163,7 +163,7 @@ def _codec_kind() -> Kind:
     codecs = []
     for v in (0, 1):
         x = torch.randn(300, 16, generator=torch.Generator().manual_seed(v))
-        codec = EmbeddingCodec(16, "pq", 4, 4, num_lists=4, kmeans_iters=4, seed=v).fit(x)
+        codec = EmbeddingCodec(16, "pq", 4, codebook_size=16, num_lists=4, kmeans_iters=4, seed=v).fit(x)
         codec.add(x[:100])
         codecs.append(codec)
     probe = torch.randn(5, 16, generator=torch.Generator().manual_seed(9))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tokenizers_q import kmeans
+from tokenizers_q.kmeans import residual_kmeans
 
 
 def _blobs(n_per=200, centers=None, noise=0.05, seed=0):
@@ -99,3 +100,34 @@ def test_errors():
         kmeans(torch.randn(4, 2), 2, weights=-torch.ones(4))
     with pytest.raises(ValueError, match=r"got \(0, 2\)"):
         kmeans(torch.zeros(0, 2), 2)
+    with pytest.raises(TypeError, match=r"kmeans_iters must be an int, got 2.5"):
+        kmeans(torch.randn(4, 2), 2, kmeans_iters=2.5)
+    with pytest.raises(ValueError, match="kmeans_iters must be a non-negative int, got -1"):
+        kmeans(torch.randn(4, 2), 2, kmeans_iters=-1)
+    with pytest.raises(TypeError, match="x must be floating point, got dtype torch.int64"):
+        kmeans(torch.ones(4, 2, dtype=torch.long), 2)
+
+
+def test_residual_kmeans_fits_each_codebook_to_what_the_previous_ones_leave():
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(500, generator=torch.Generator().manual_seed(1))
+    fit = residual_kmeans(x, 3, 8, 6, weights, generator=torch.Generator().manual_seed(2))
+    assert fit.codebooks.shape == (3, 8, 4) and fit.codes.shape == (500, 3) and fit.codes.dtype == torch.int64
+    generator, residual = torch.Generator().manual_seed(2), x
+    for m in range(3):  # level by level, the k-means of the residual with the same generator
+        level = kmeans(residual, 8, 6, weights, generator=generator)
+        assert torch.equal(fit.codebooks[m], level.centroids) and torch.equal(fit.codes[:, m], level.assignments)
+        assert torch.equal(level.assignments, torch.cdist(residual, level.centroids).argmin(1))  # nearest entries
+        residual = residual - level.centroids[level.assignments]
+    decoded = [fit.codebooks[:m][torch.arange(m), fit.codes[:, :m]].sum(1) for m in (1, 2, 3)]
+    errors = [(x - d).pow(2).sum().item() for d in decoded]
+    assert errors[2] < errors[1] < errors[0]  # every stage codes part of what is left
+
+
+def test_residual_kmeans_errors():
+    with pytest.raises(ValueError, match="num_quantizers must be a positive int, got 0"):
+        residual_kmeans(torch.randn(10, 2), 0, 4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        residual_kmeans([[0.0, 1.0]], 1, 4)
+    with pytest.raises(ValueError, match=r"residual_kmeans expects x of shape \(N, D\), got \(2, 10, 2\)"):
+        residual_kmeans(torch.randn(2, 10, 2), 1, 4)

@@ -205,7 +205,7 @@ def test_entropy_under_bf16_autocast_is_computed_in_float32(name, entropy):
 
 
 def small_codec() -> EmbeddingCodec:
-    return EmbeddingCodec(8, num_codebooks=2, bits=4, kmeans_iters=2)
+    return EmbeddingCodec(8, num_codebooks=2, codebook_size=16, kmeans_iters=2)
 
 
 def test_codec_rejects_non_finite_vectors_and_searches_only_when_ready():

@@ -42,7 +42,7 @@ CONFIGS = [
     (NF4Config(64), None),
     (KMeansConfig(3), None),
     (TernaryConfig("channel"), None),
-    (VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, kmeans_iters=3), None),
+    (VectorCodebookConfig(group_size=4, codebook_size=16, num_quantizers=2, kmeans_iters=3), None),
 ]
 
 
@@ -52,7 +52,7 @@ ROW_CONFIGS = [
     NF4Config(50),
     KMeansConfig(3, kmeans_iters=3),
     TernaryConfig(),
-    VectorCodebookConfig(dim=5, codebook_size=8, num_codebooks=2, kmeans_iters=3),
+    VectorCodebookConfig(group_size=5, codebook_size=8, num_quantizers=2, kmeans_iters=3),
 ]
 
 
@@ -201,7 +201,7 @@ COMPILED_CONFIGS = [
     IntGridConfig(2, granularity="tensor"),
     KMeansConfig(3, kmeans_iters=3),
     TernaryConfig("channel"),
-    VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2, kmeans_iters=3),
+    VectorCodebookConfig(group_size=4, codebook_size=16, num_quantizers=2, kmeans_iters=3),
 ]
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from tokenizers_q.files import current_arguments
+from tokenizers_q.kmeans import residual_kmeans
 from tokenizers_q.weights import (
     NF4_LEVELS,
     HessianAccumulator,
@@ -20,6 +22,7 @@ from tokenizers_q.weights import (
     quantize_,
     save_quantized,
 )
+from tokenizers_q.weights.config import unpack_levels
 
 ALL_CONFIGS = [
     IntGridConfig(4, group_size=32),
@@ -32,8 +35,8 @@ ALL_CONFIGS = [
     KMeansConfig(3),
     KMeansConfig(3, weighting="activation", gptq=True),
     IntGridConfig(3, group_size=32, symmetric=False, gptq=True, act_order=True),
-    VectorCodebookConfig(dim=4, codebook_size=16),
-    VectorCodebookConfig(dim=8, codebook_size=16, num_codebooks=2, refine_steps=5),
+    VectorCodebookConfig(group_size=4, codebook_size=16),
+    VectorCodebookConfig(group_size=8, codebook_size=16, num_quantizers=2, refine_iters=5),
 ]
 
 
@@ -86,7 +89,7 @@ def test_nf4_ternary_and_kmeans_match_direct_computations():
 
 def test_vector_codebooks_sum_the_nearest_entries():
     w = weight()
-    config = VectorCodebookConfig(dim=4, codebook_size=16)
+    config = VectorCodebookConfig(group_size=4, codebook_size=16)
     tensors = config.quantize(w)
     books, scale = tensors["codebooks"].float(), tensors["scale"].float()
     assert books.shape == (1, 16, 4)
@@ -94,8 +97,51 @@ def test_vector_codebooks_sum_the_nearest_entries():
     groups = (w / scale[:, None]).reshape(-1, 4)
     index = torch.cdist(groups, books[0]).argmin(1)
     torch.testing.assert_close(config.dequantize(tensors, (32, 128)), books[0][index].reshape(32, 128) * scale[:, None])
-    two = VectorCodebookConfig(dim=4, codebook_size=16, num_codebooks=2)
+    two = VectorCodebookConfig(group_size=4, codebook_size=16, num_quantizers=2)
     assert (roundtrip(two, w) - w).norm() < 0.9 * (roundtrip(config, w) - w).norm()  # the residual stage helps
+
+
+def test_vector_codebooks_are_the_residual_kmeans_of_the_scaled_groups():
+    w = weight()
+    config = VectorCodebookConfig(group_size=4, codebook_size=16, num_quantizers=2, kmeans_iters=5, seed=3)
+    tensors = config.quantize(w)
+    groups = (w / tensors["scale"].float()[:, None]).reshape(-1, 4)
+    want = residual_kmeans(groups, 2, 16, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tensors["codebooks"], want.codebooks.half())
+    assert torch.equal(unpack_levels(tensors["codes"], 4, (32, 32, 2)).reshape(-1, 2), want.codes)
+
+
+VECTOR_EARLIER_NAMES = {"dim": 8, "codebook_size": 16, "num_codebooks": 2, "refine_steps": 5, "kmeans_iters": 3}
+VECTOR_CURRENT = VectorCodebookConfig(group_size=8, codebook_size=16, num_quantizers=2, refine_iters=5, kmeans_iters=3)
+
+
+def test_vector_configs_of_the_earlier_names_are_read_with_a_warning():
+    names = "dim -> group_size, num_codebooks -> num_quantizers, refine_steps -> refine_iters"
+    with pytest.warns(DeprecationWarning, match=names):
+        arguments = current_arguments(VECTOR_EARLIER_NAMES, "a vector config", VectorCodebookConfig.renamed_arguments)
+    assert VectorCodebookConfig(**arguments) == VECTOR_CURRENT
+    assert WeightQuantConfig.from_dict(VECTOR_CURRENT.to_dict()) == VECTOR_CURRENT
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dim'"):
+        VectorCodebookConfig(dim=4)  # no alias in the constructor: only stored configs are read under old names
+
+
+def test_saved_vector_configs_of_the_earlier_names_load_with_a_warning():
+    with pytest.warns(DeprecationWarning) as caught:
+        config = WeightQuantConfig.from_dict({"method": "vector", **VECTOR_EARLIER_NAMES})
+    assert config == VECTOR_CURRENT and "dim -> group_size" in str(caught[0].message)
+
+
+def test_vector_config_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"codebook_size must be an int in \[2, 65536\], got 1"):
+        VectorCodebookConfig(codebook_size=1)
+    with pytest.raises(TypeError, match="group_size must be an int, got 4.0"):
+        VectorCodebookConfig(group_size=4.0)
+    with pytest.raises(ValueError, match="num_quantizers must be a positive int, got 0"):
+        VectorCodebookConfig(num_quantizers=0)
+    with pytest.raises(ValueError, match="refine_iters must be a non-negative int, got -1"):
+        VectorCodebookConfig(refine_iters=-1)
+    with pytest.raises(ValueError, match="group_size 3 must divide the input width 128"):
+        VectorCodebookConfig(group_size=3).quantize(weight())
 
 
 @pytest.mark.parametrize(
@@ -109,9 +155,9 @@ def test_vector_codebooks_sum_the_nearest_entries():
         (NF4Config(64), 4 + 16 / 64),
         (TernaryConfig(), 2 + 16 / (64 * 256)),
         (KMeansConfig(3), 3 + 8 * 16 / 256),
-        (VectorCodebookConfig(dim=4, codebook_size=256), 2 + (256 * 4 * 16 + 64 * 16) / (64 * 256)),
+        (VectorCodebookConfig(group_size=4, codebook_size=256), 2 + (256 * 4 * 16 + 64 * 16) / (64 * 256)),
         (
-            VectorCodebookConfig(dim=8, codebook_size=16, num_codebooks=3),
+            VectorCodebookConfig(group_size=8, codebook_size=16, num_quantizers=3),
             3 * 4 / 8 + (3 * 16 * 8 * 16 + 64 * 16) / (64 * 256),
         ),
     ],
@@ -146,7 +192,7 @@ def test_codebook_refinement_lowers_the_output_error():
     w, inputs = weight(64, 128), torch.cat(calibration())
     hessian = inputs.T @ inputs / len(inputs)
     errors = [
-        ((inputs @ (roundtrip(VectorCodebookConfig(codebook_size=16, refine_steps=s), w, hessian) - w).T).norm()).item()
+        ((inputs @ (roundtrip(VectorCodebookConfig(codebook_size=16, refine_iters=s), w, hessian) - w).T).norm()).item()
         for s in (0, 100)
     ]
     assert errors[1] < errors[0]

@@ -31,6 +31,14 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
     return value
 
 
+def check_codebook_size(value, name: str = "codebook_size") -> int:
+    """``value`` if it is a power of two in [2, 65536] (codes packed at ``log2`` of it bits each)."""
+    check_int(name, value, 2, 2**16)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two (codes are packed bits), got {value}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     """``value`` if it is one of ``choices``; else a ``ValueError`` naming ``name`` and the choices."""
     if value not in choices:

@@ -38,17 +38,36 @@ CHECKSUM = "xxh3_128"
 
 #: arguments stored under their earlier names, read by :func:`current_arguments`
 RENAMED_ARGUMENTS = {"num_iters": "kmeans_iters", "block_size": "group_size", "refine_steps": "refine_iters"}
+#: ``bits`` of a codebook (``2^bits`` entries) stored where ``codebook_size`` is now asked for
+CODEBOOK_BITS = {"bits": ("codebook_size", lambda bits: 2**bits)}
 
 
-def current_arguments(arguments: Mapping[str, Any], what: str, renamed: Mapping[str, str] = RENAMED_ARGUMENTS) -> dict:
-    """A stored configuration with the arguments of ``renamed`` (default :data:`RENAMED_ARGUMENTS`, the names
-    renamed across the library; a class passes its own where a name changed only there) under their current
-    names: files written before the renaming load as they did, with a ``DeprecationWarning`` naming ``what``."""
-    old = [name for name in arguments if name in renamed]
+def current_arguments(
+    arguments: Mapping[str, Any],
+    what: str,
+    renamed: Mapping[str, str] = RENAMED_ARGUMENTS,
+    converted: Mapping[str, tuple[str, Callable[[Any], Any]]] | None = None,
+) -> dict:
+    """A stored configuration under the current argument names: files written before a renaming load as they
+    did, with a ``DeprecationWarning`` naming ``what``.
+
+    Args:
+        renamed: earlier name -> current name; default :data:`RENAMED_ARGUMENTS` (the names renamed across the
+            library); a class passes its own where a name changed only there.
+        converted: earlier name -> (current name, how its value becomes the current one), e.g.
+            :data:`CODEBOOK_BITS`.
+    """
+    converted = converted or {}
+    old = [name for name in arguments if name in renamed or name in converted]
     if old:
-        names = ", ".join(f"{name} -> {renamed[name]}" for name in old)
+        names = ", ".join(f"{name} -> {renamed[name] if name in renamed else converted[name][0]}" for name in old)
         warnings.warn(f"{what} was saved with renamed arguments ({names}); save it again", DeprecationWarning, 2)
-    return {renamed.get(name, name): value for name, value in arguments.items()}
+    current = {}
+    for name, value in arguments.items():
+        if name in converted:
+            name, value = converted[name][0], converted[name][1](value)
+        current[renamed.get(name, name)] = value
+    return current
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

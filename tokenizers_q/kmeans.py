@@ -1,8 +1,9 @@
-"""Batched, optionally sample-weighted k-means with k-means++ or random seeding.
+"""Batched, optionally sample-weighted k-means with k-means++ or random seeding, and residual k-means.
 
-Used to initialise codebooks, and by product, weight and KV quantization. Every
-step runs in float32 through the chunked :func:`~tokenizers_q.search.nearest`
-search, so memory stays bounded for large ``N`` and ``K``.
+Used to initialise codebooks, and by product, weight and KV quantization; :func:`residual_kmeans` fits the
+residual codebooks of vector-codebook weights and of the embedding codec's RVQ. Every step runs in float32
+through the chunked :func:`~tokenizers_q.search.nearest` search, so memory stays bounded for large ``N``
+and ``K``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenizers_q.checks import check_finite, max_magnitude
+from tokenizers_q.checks import check_choice, check_finite, check_float_tensor, check_int, max_magnitude
 from tokenizers_q.search import check_metric, nearest
 
 INITS = ("kmeans++", "random")
@@ -101,12 +102,11 @@ def kmeans(
         - output: see :class:`KMeansResult`
     """
     check_metric(metric, ("l2", "cosine"))
-    if not isinstance(init, torch.Tensor) and init not in INITS:
-        raise ValueError(f"init must be one of {INITS} or a tensor of initial centroids, got {init!r}")
-    if not isinstance(num_clusters, int) or num_clusters < 1:
-        raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
-    if kmeans_iters < 0:
-        raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+    if not isinstance(init, torch.Tensor):
+        check_choice("init", init, INITS)
+    check_int("num_clusters", num_clusters)
+    check_int("kmeans_iters", kmeans_iters, 0)
+    check_float_tensor("x", x)
     batched = x.dim() == 3
     if x.dim() not in (2, 3) or x.shape[-2] == 0:
         raise ValueError(f"kmeans expects x of shape (N, D) or (B, N, D) with N >= 1, got {tuple(x.shape)}")
@@ -150,3 +150,58 @@ def kmeans(
     if not batched:
         return KMeansResult(centroids[0], assign[0], counts[0], inertia[0])
     return KMeansResult(centroids, assign, counts, inertia)
+
+
+class ResidualKMeansResult(NamedTuple):
+    """Outcome of :func:`residual_kmeans`.
+
+    Shapes:
+        - codebooks: (num_quantizers, codebook_size, D), float32
+        - codes: (N, num_quantizers), int64: the entry of each codebook that codes each row
+    """
+
+    codebooks: torch.Tensor
+    codes: torch.Tensor
+
+
+@torch.no_grad()
+def residual_kmeans(
+    x: torch.Tensor,
+    num_quantizers: int,
+    codebook_size: int,
+    kmeans_iters: int = 10,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_elements: int | None = None,
+) -> ResidualKMeansResult:
+    """Residual codebooks: codebook ``m`` is the k-means of what codebooks ``0 .. m-1`` leave of ``x``.
+
+    Each row is coded by one entry of every codebook (its nearest at that level, greedily); the sum of its
+    entries approximates the row. The codebooks are fitted one after another with :func:`kmeans`
+    (k-means++ seeding from ``generator``), so a seeded generator gives the same codebooks.
+
+    Args:
+        x: samples.
+        num_quantizers: residual codebooks ``M``.
+        codebook_size: entries per codebook ``K``.
+        kmeans_iters: Lloyd iterations per codebook.
+        weights: non-negative sample weights (uniform if None), the same at every level.
+        generator: random generator for reproducible seeding.
+        max_elements: memory budget of the nearest-centroid search (default: per device).
+
+    Shapes:
+        - x: (N, D); weights: (N,)
+        - output: see :class:`ResidualKMeansResult`
+    """
+    check_float_tensor("x", x)
+    check_int("num_quantizers", num_quantizers)
+    if x.dim() != 2:
+        raise ValueError(f"residual_kmeans expects x of shape (N, D), got {tuple(x.shape)}")
+    residual = x.float()
+    codebooks, codes = [], []
+    for _ in range(num_quantizers):
+        fit = kmeans(residual, codebook_size, kmeans_iters, weights, generator=generator, max_elements=max_elements)
+        codebooks.append(fit.centroids)
+        codes.append(fit.assignments)
+        residual = residual - fit.centroids[fit.assignments]
+    return ResidualKMeansResult(torch.stack(codebooks), torch.stack(codes, -1))

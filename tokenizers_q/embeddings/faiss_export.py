@@ -1,6 +1,8 @@
 """Export of an :class:`~tokenizers_q.embeddings.codec.EmbeddingCodec` to an equivalent FAISS index.
 
-Needs ``faiss-cpu``; the index holds the codec's codebooks, centroids and packed codes.
+Needs ``faiss-cpu``; the index holds the codec's codebooks, centroids and packed codes. A cosine codec
+exports an inner-product index over its unit vectors: normalise the queries given to FAISS
+(``faiss.normalize_L2``).
 """
 
 from __future__ import annotations
@@ -16,29 +18,33 @@ if TYPE_CHECKING:
 def to_faiss(codec: EmbeddingCodec):
     """An equivalent FAISS index holding this database's codes, to serve the same codes with FAISS
     (needs ``faiss-cpu``): ``IndexPQ``, or ``IndexIVFPQ`` with a partition (set its ``nprobe``);
-    OPQ inside an ``IndexPreTransform``."""
+    OPQ inside an ``IndexPreTransform``.
+
+    Shapes:
+        - FAISS's codes: ``num_codebooks * code_bits`` bits per vector (its PQ layout, without the list id)
+    """
     import faiss
     import numpy as np
 
-    codec._check_fitted()
+    codec.check_fitted()
     if codec.method == "rvq":
         raise ValueError("FAISS export covers PQ and OPQ codecs; this one is rvq")
     metric = faiss.METRIC_L2 if codec.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    lists, codes = codec._unpack(codec.database)
-    pq_codes = pack_codes(codes, TokenSpec((2**codec.bits,) * codec.num_codebooks))  # FAISS's PQ layout
+    lists, codes = codec.unpack(codec.database)
+    pq_codes = pack_codes(codes, TokenSpec((codec.codebook_size,) * codec.num_codebooks))  # FAISS's PQ layout
     if codec.num_lists == 1:
-        index = faiss.IndexPQ(codec.dim, codec.num_codebooks, codec.bits, metric)
+        index = faiss.IndexPQ(codec.dim, codec.num_codebooks, codec.code_bits, metric)
         faiss.copy_array_to_vector(pq_codes.numpy(), index.codes)
     else:
         quantizer = faiss.IndexFlat(codec.dim, metric)
         quantizer.add((codec.centroids @ codec.rotation).cpu().numpy())  # coarse search in the rotated space
-        index = faiss.IndexIVFPQ(quantizer, codec.dim, codec.num_lists, codec.num_codebooks, codec.bits, metric)
+        index = faiss.IndexIVFPQ(quantizer, codec.dim, codec.num_lists, codec.num_codebooks, codec.code_bits, metric)
         quantizer.this.disown()
         index.own_fields = True
         rows = pq_codes.numpy().reshape(len(lists), -1)
-        order, bounds = codec._scan()[:2]
+        scan = codec.scan_index()
         for lst in range(codec.num_lists):
-            ids = order[int(bounds[lst]) : int(bounds[lst + 1])].numpy()
+            ids = scan.members(lst).cpu().numpy()
             chunk = np.ascontiguousarray(rows[ids])
             index.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(chunk))
     faiss.copy_array_to_vector(codec.codebooks.detach().cpu().float().numpy().ravel(), index.pq.centroids)

@@ -10,13 +10,12 @@ channels' joint structure that per-channel grids lose.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
-from tokenizers_q.checks import check_int
-from tokenizers_q.files import RENAMED_ARGUMENTS, current_arguments
+from tokenizers_q.checks import check_codebook_size, check_int
+from tokenizers_q.files import CODEBOOK_BITS, RENAMED_ARGUMENTS, current_arguments
 from tokenizers_q.grids import METADATA_BITS
 from tokenizers_q.kmeans import kmeans
 from tokenizers_q.kv.buffer import PackedTokens
@@ -45,9 +44,7 @@ class CQConfig:
 
     def __post_init__(self):
         check_int("group_size", self.group_size)
-        check_int("codebook_size", self.codebook_size, 2, 2**16)
-        if self.codebook_size & (self.codebook_size - 1):
-            raise ValueError(f"codebook_size must be a power of two (codes are packed bits), got {self.codebook_size}")
+        check_codebook_size(self.codebook_size)
         check_int("kmeans_iters", self.kmeans_iters, 0)
 
     @property
@@ -66,11 +63,7 @@ class CQConfig:
     def from_dict(cls, stored: dict, what: str = "CQ settings") -> CQConfig:
         """Settings as saved by :meth:`to_dict`; files of the earlier names (``channels``, and ``bits`` for
         ``codebook_size = 2^bits``) load with a ``DeprecationWarning``."""
-        arguments = current_arguments(stored, what, {**RENAMED_ARGUMENTS, "channels": "group_size"})
-        if "bits" in arguments:
-            warnings.warn(f"{what} was saved with bits -> codebook_size (2^bits); save it again", DeprecationWarning, 2)
-            arguments["codebook_size"] = 2 ** arguments.pop("bits")
-        return cls(**arguments)
+        return cls(**current_arguments(stored, what, {**RENAMED_ARGUMENTS, "channels": "group_size"}, CODEBOOK_BITS))
 
 
 class CoupledCodebooks:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from tokenizers_q.checks import check_finite, check_float_tensor, check_int
-from tokenizers_q.files import current_arguments
+from tokenizers_q.files import RENAMED_ARGUMENTS, current_arguments
 from tokenizers_q.packing import TokenSpec, code_planes, pack_codes, planes_per_group, unpack_codes
 
 _CONFIGS: dict[str, type[WeightQuantConfig]] = {}
@@ -106,8 +106,10 @@ class WeightQuantConfig:
     def from_dict(data: dict) -> WeightQuantConfig:
         if not isinstance(data, dict) or data.get("method") not in _CONFIGS:
             raise ValueError(f"unknown weight config {data!r}; methods: {', '.join(sorted(_CONFIGS))}")
-        fields = current_arguments({k: v for k, v in data.items() if k != "method"}, f"a {data['method']} config")
-        return _CONFIGS[data["method"]](**fields)
+        cls = _CONFIGS[data["method"]]
+        fields = {k: v for k, v in data.items() if k != "method"}
+        renamed = getattr(cls, "renamed_arguments", RENAMED_ARGUMENTS)
+        return cls(**current_arguments(fields, f"a {data['method']} config", renamed))
 
 
 def check_bits(bits, low: int = 1, high: int = 8) -> None:
