@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tokenizers_q.checks import check_int
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
@@ -53,10 +55,11 @@ def _check_stages(in_channels, base_channels, channel_mult, num_res_blocks, late
         ("num_res_blocks", num_res_blocks),
         ("latent_dim", latent_dim),
     ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult!r}")
+        check_int(name, value)
+    if not channel_mult:
+        raise ValueError("channel_mult must list at least one stage multiplier, got none")
+    for i, m in enumerate(channel_mult):
+        check_int(f"channel_mult[{i}]", m)
 
 
 class Encoder(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.checks import check_int
+
 
 class PatchDiscriminator(nn.Module):
     r"""Classifies overlapping patches as real or reconstructed.
@@ -22,8 +24,8 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels), ("num_layers", num_layers)):
+            check_int(name, value)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         channels = base_channels
         for i in range(1, num_layers + 1):

@@ -6,31 +6,32 @@ import torch
 from torch import nn
 from torch_geometric.nn import GATConv, GCNConv, SAGEConv
 
+from tokenizers_q.checks import check_choice, check_int
+
 CONVS = ("gcn", "gat", "sage")
 NORMS = ("batch", "layer", "none")
 
 
 def graph_conv(kind: str, in_dim: int, out_dim: int, heads: int = 4) -> nn.Module:
     """One message-passing layer ``(x (N, in_dim), edge_index (2, E)) -> (N, out_dim)``."""
+    check_choice("conv", kind, CONVS)
     if kind == "gcn":
         return GCNConv(in_dim, out_dim)
     if kind == "sage":
         return SAGEConv(in_dim, out_dim)
-    if kind == "gat":
-        if out_dim % heads:
-            raise ValueError(f"GAT output size {out_dim} must be divisible by heads={heads}")
-        return GATConv(in_dim, out_dim // heads, heads=heads)
-    raise ValueError(f"conv must be one of {CONVS}, got {kind!r}")
+    check_int("heads", heads)
+    if out_dim % heads:
+        raise ValueError(f"GAT output size {out_dim} must be divisible by heads={heads}")
+    return GATConv(in_dim, out_dim // heads, heads=heads)
 
 
 def _norm(kind: str, dim: int) -> nn.Module:
+    check_choice("norm", kind, NORMS)
     if kind == "batch":
         return nn.BatchNorm1d(dim)
     if kind == "layer":
         return nn.LayerNorm(dim)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    return nn.Identity()
 
 
 class GNNEncoder(nn.Module):
@@ -70,8 +71,9 @@ class GNNEncoder(nn.Module):
     ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value)
+        check_choice("conv", conv, CONVS)
+        check_choice("norm", norm, NORMS)
         self.in_dim, self.out_dim = in_dim, out_dim or hidden_dim
         self.input = nn.Linear(in_dim, hidden_dim)
         self.convs = nn.ModuleList(graph_conv(conv, hidden_dim, hidden_dim, heads) for _ in range(num_layers))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.models.token_transformer import init_embeddings
 
 
@@ -28,7 +29,7 @@ class GraphTransformer(nn.Module):
         num_neighbours: PPR neighbours per node (sequence = 1 + num_neighbours nodes).
         dim: model width. Default: 128.
         depth: transformer layers. Default: 2.
-        heads: attention heads. Default: 4.
+        num_heads: attention heads. Default: 4.
         mlp_ratio: feed-forward width over ``dim``. Default: 2.
         dropout: Default: 0.1.
         gating: multiply neighbour tokens by a gate from their PPR score. Default: True.
@@ -47,26 +48,28 @@ class GraphTransformer(nn.Module):
         num_neighbours: int,
         dim: int = 128,
         depth: int = 2,
-        heads: int = 4,
+        num_heads: int = 4,
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         gating: bool = True,
     ):
         super().__init__()
-        if not codebook_sizes or any(not isinstance(k, int) or k < 1 for k in codebook_sizes):
-            raise ValueError(f"codebook_sizes must be positive ints, got {codebook_sizes!r}")
-        for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(num_neighbours, int) or num_neighbours < 0:
-            raise ValueError(f"num_neighbours must be a non-negative int, got {num_neighbours!r}")
+        if not codebook_sizes:
+            raise ValueError("codebook_sizes must list at least one codebook size, got none")
+        for c, size in enumerate(codebook_sizes):
+            check_int(f"codebook_sizes[{c}]", size)
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
+            check_int(name, value)
+        check_int("num_neighbours", num_neighbours, minimum=0)
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.codebook_sizes, self.num_neighbours = list(codebook_sizes), num_neighbours
         self.embed = nn.ModuleList(nn.Embedding(k, dim) for k in codebook_sizes)
         self.codebook_embedding = nn.Parameter(torch.randn(len(codebook_sizes), dim) * 0.02)
         self.rank_embedding = nn.Parameter(torch.randn(1 + num_neighbours, dim) * 0.02)
         self.gate = nn.Sequential(nn.Linear(1, dim), nn.Sigmoid()) if gating else None
         layer = nn.TransformerEncoderLayer(
-            dim, heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
+            dim, num_heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

@@ -42,9 +42,14 @@ class KVCodec(Quantizer):
     def spec(self) -> TokenSpec:
         return self.quantizer.spec
 
+    # the inner quantizer is read through its public contract (flat rows in, flat rows out); it updates its
+    # statistics in training mode, which it shares with this codec
     def _forward_flat(self, z: torch.Tensor, update: bool) -> QuantizerOutput:
-        out = self.quantizer._forward_flat(self.encoder(z), update)
+        out = self.quantizer(self.encoder(z))
         return QuantizerOutput(self.decoder(out.quantized), out.codes, out.loss, out.metrics)
 
+    def _encode_flat(self, z: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.encode(self.encoder(z))  # no state changes, in training mode too
+
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.quantizer._decode_flat(codes))
+        return self.decoder(self.quantizer.decode(codes))

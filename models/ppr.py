@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from tokenizers_q.checks import check_int
+
 
 def check_edge_index(edge_index: torch.Tensor, num_nodes: int) -> None:
     """Raise a clear error unless ``edge_index`` is a (2, E) integer tensor of nodes in ``[0, num_nodes)``."""
@@ -22,8 +24,7 @@ def check_edge_index(edge_index: torch.Tensor, num_nodes: int) -> None:
         raise TypeError(f"edge_index must be an integer tensor (2, E), got {getattr(edge_index, 'dtype', edge_index)}")
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
-    if not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
+    check_int("num_nodes", num_nodes)
     if edge_index.numel():
         low, high = int(edge_index.min()), int(edge_index.max())
         if low < 0 or high >= num_nodes:
@@ -99,15 +100,12 @@ def ppr_topk(
         node reaches fewer than ``k`` others; score: (N, k) float32 PPR scores (0 at padding).
     """
     check_edge_index(edge_index, num_nodes)
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_int("k", k)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     width = 2 * k if width is None else width
-    if not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be a non-negative int, got {num_iterations!r}")
-    if not isinstance(width, int) or width < k + 1:
-        raise ValueError(f"width must be an int of at least k + 1 = {k + 1}, got {width!r}")
+    check_int("num_iterations", num_iterations, minimum=0)
+    check_int("width", width, minimum=k + 1)  # k neighbours and the node itself
     walk = _random_walk_matrix(edge_index.cpu(), num_nodes)
     index = torch.full((num_nodes, k), -1, dtype=torch.long)
     score = torch.zeros(num_nodes, k)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.checks import check_choice, check_int
 from tokenizers_q.kv import KVCache, LayerCache
 from tokenizers_q.packing import TokenSpec
 
@@ -57,15 +58,15 @@ def digits_to_codes(digits: torch.Tensor, radices: tuple[tuple[int, ...], ...]) 
 class Attention(nn.Module):
     """Multi-head self-attention with an optional key/value cache for incremental decoding."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.num_heads, self.dropout = num_heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool, cache: LayerCache | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=causal and n > 1, dropout_p=self.dropout if self.training else 0.0
@@ -81,10 +82,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, num_heads, dropout)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
@@ -129,7 +130,7 @@ class TokenTransformer(nn.Module):
         grid: token grid shape per example, e.g. ``(8, 8)``.
         dim: model width. Default: 256.
         depth: number of blocks. Default: 6.
-        heads: attention heads. Default: 8.
+        num_heads: attention heads. Default: 8.
         mlp_ratio: MLP hidden size / dim. Default: 4.
         dropout: dropout in attention and MLP. Default: 0.1.
         factorised: one head per digit instead of per codebook. Default: False.
@@ -150,7 +151,7 @@ class TokenTransformer(nn.Module):
         grid: Sequence[int],
         dim: int = 256,
         depth: int = 6,
-        heads: int = 8,
+        num_heads: int = 8,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         factorised: bool = False,
@@ -162,12 +163,12 @@ class TokenTransformer(nn.Module):
         self.grid = tuple(int(g) for g in grid)
         if not self.grid or any(g < 1 for g in self.grid):
             raise ValueError(f"grid must be a non-empty sequence of positive sizes, got {grid!r}")
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_choice("positions", positions, POSITIONS)
+        for name, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads)):
+            check_int(name, value)
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        check_int("num_classes", num_classes, minimum=0)
         self.dim, self.num_classes, self.factorised, self.position_mode = dim, num_classes, factorised, positions
         self.radices = token_radices(self.spec, factorised)
         self.vocab = [r for codebook_radices in self.radices for r in codebook_radices]
@@ -180,7 +181,7 @@ class TokenTransformer(nn.Module):
             self.position = nn.ParameterList(nn.Parameter(torch.zeros(g, dim)) for g in self.grid)
         else:
             self.position = nn.ParameterList([nn.Parameter(torch.zeros(self.seq_len, dim))])
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleList(nn.Linear(dim, v) for v in self.vocab)
         self.reset_parameters()

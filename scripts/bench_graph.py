@@ -96,12 +96,12 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     graph = data_module.data
     path = write_node_tokens(tokenizer, graph, folder / "nodes.safetensors", ppr_k=args.ppr_k)
     stats = tokenizer.code_statistics(graph)
-    bits = tokenizer.bits_per_node()
+    code_bits, codebook_bits = tokenizer.bits_per_node(), float(tokenizer.shared_bits())
 
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)
     nodes = NodeTokenDataModule(str(path), batch_size=256, seed=seed)
-    model = GraphTransformerModule(dim=args.dim, depth=args.depth, heads=4, dropout=0.2, lr=2e-3)
+    model = GraphTransformerModule(dim=args.dim, depth=args.depth, num_heads=4, dropout=0.2, lr=2e-3)
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", monitor="val/accuracy", mode="max")
     fit = trainer(folder, max_epochs=args.epochs, callbacks=[best], gradient_clip_val=1.0)
     fit.fit(model, nodes)
@@ -109,8 +109,8 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     return {
         "accuracy": test,
         "usage": stats["usage"],
-        "code_bits": bits["code_bits"],
-        "codebook_bits": bits["codebook_bits"],
+        "code_bits": code_bits,
+        "codebook_bits": codebook_bits,
         "tokenizer_s": tokenizer_seconds,
         "transformer_s": time.perf_counter() - start,
     }

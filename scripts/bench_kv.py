@@ -45,9 +45,9 @@ from tokenizers_q.kv import (
     calibrate_quantizer,
     outlier_bounds,
 )
+from tokenizers_q.kv.attention_inputs import collect_attention_inputs
 from tokenizers_q.kv.hf import hf_cache, hf_rotary
 from tokenizers_q.memory import shared_bits
-from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
 SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
 CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")

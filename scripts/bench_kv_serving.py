@@ -36,9 +36,9 @@ from tokenizers_q.kv import (
     apply_rotary,
     calibrate_quantizer,
 )
+from tokenizers_q.kv.attention_inputs import collect_attention_inputs
 from tokenizers_q.kv.hf import hf_cache, use_code_attention
 from tokenizers_q.memory import held_bytes
-from tokenizers_q.trainers.kv_data import collect_attention_inputs
 
 METHODS = ("dynamic", "quanto-4", "quanto-2", "kivi-4", "kivi-2", "kivi-2-w32", "cq-2", "rvq-2")
 

@@ -65,7 +65,9 @@ def run_quantizer(name: str, ckpt: Path, args, classifier, real: torch.Tensor, r
     labels = torch.arange(args.samples) % 10
     for kind, cls in MODELS.items():
         L.seed_everything(0, verbose=False)
-        model = cls(token_file=str(files["train"]), num_classes=10, dim=args.dim, depth=args.depth, heads=args.heads)
+        model = cls(
+            token_file=str(files["train"]), num_classes=10, dim=args.dim, depth=args.depth, num_heads=args.heads
+        )
         row["uniform_bits_per_image"] = row["bits_per_token"] * model.seq_len
         data = TokenDataModule(str(files["train"]), test_tokens=str(files["test"]), batch_size=64)
         trainer = L.Trainer(

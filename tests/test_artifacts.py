@@ -10,9 +10,19 @@ from torch import nn
 
 from tokenizers_q.files import write_artifact
 from tokenizers_q.instantiate import instantiate, resolve_class
-from tokenizers_q.trainers.artifacts import FORMAT, VERSION, export_module, load_module
-from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
-from tokenizers_q.trainers.cli import datamodule_from_checkpoint, load_token_model
+from tokenizers_q.trainers.artifacts import (
+    FORMAT,
+    MODULE_CLASS_KEY,
+    VERSION,
+    export_module,
+    load_graph_tokenizer,
+    load_kv_tokenizer,
+    load_module,
+    load_token_model,
+    load_tokenizer,
+)
+from tokenizers_q.trainers.autoencoder import AutoencoderModule
+from tokenizers_q.trainers.cli import datamodule_from_checkpoint
 from tokenizers_q.trainers.cli import main as tokq
 
 
@@ -71,15 +81,13 @@ def malicious_checkpoints(trained, folder, marker) -> dict[str, tuple]:
 
 def loaders(tokens, tmp_path) -> dict:
     """Every function and tokq verb that loads a model a user points it at, as ``name -> call(path)``."""
-    from tokenizers_q.trainers.graph_tokenizer import load_graph_tokenizer
-    from tokenizers_q.trainers.kv_tokenizer import load_kv_tokenizer
-
     out = str(tmp_path / "out.png")
     return {
         "load_tokenizer": load_tokenizer,
         "load_token_model": load_token_model,
         "load_graph_tokenizer": load_graph_tokenizer,
         "load_kv_tokenizer": load_kv_tokenizer,
+        "load_module": load_module,
         "datamodule_from_checkpoint": lambda p: datamodule_from_checkpoint(p, {}),
         "export_module": lambda p: export_module(p, tmp_path / "exported.safetensors"),
         "tokq encode": lambda p: tokq(["encode", "--ckpt", str(p), "--output", str(tmp_path / "t.safetensors")]),
@@ -198,3 +206,47 @@ def test_a_checkpoint_of_parts_built_in_python_says_why_it_cannot_be_rebuilt(tmp
         ValueError, match=r"the hyper-parameters \['encoder', 'decoder', 'quantizer'\] are module objects"
     ):
         export_module(AutoencoderModule(**parts), tmp_path / "python.safetensors")
+
+
+def test_every_module_names_its_class_and_one_loader_rebuilds_it(tmp_path):
+    """One tag key, written by every training module's on_save_checkpoint; load_module builds the class it names,
+    from a checkpoint or an export, whatever the module."""
+    import lightning as L
+
+    from tokenizers_q.packing import TokenSpec
+    from tokenizers_q.trainers import KVTokenizerModule, MaskedTokenModule
+
+    modules = [
+        KVTokenizerModule(num_layers=1, head_dim=8, quantizer="vq", quantizer_kwargs={"codebook_size": 4}),
+        MaskedTokenModule(spec=TokenSpec((8,)).to_dict(), grid=[2, 2], dim=16, depth=1, num_heads=2),
+    ]
+    try:
+        from tokenizers_q.trainers import GraphTokenizerModule, GraphTransformerModule
+
+        modules.append(
+            GraphTokenizerModule(in_dim=4, hidden_dim=8, latent_dim=8, quantizer_kwargs={"codebook_size": 4})
+        )
+        modules.append(GraphTransformerModule(spec=TokenSpec((8,)).to_dict(), num_classes=2, num_neighbours=1, dim=8))
+    except ImportError:  # torch_geometric: the optional extra graph
+        pass
+    for i, module in enumerate(modules):
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.strategy.connect(module)
+        ckpt = tmp_path / f"module{i}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        cls = type(module)
+        assert torch.load(ckpt, weights_only=True)[MODULE_CLASS_KEY] == f"{cls.__module__}.{cls.__qualname__}"
+        exported = export_module(ckpt, tmp_path / f"module{i}.safetensors")
+        for path in (ckpt, exported):
+            loaded = load_module(path)
+            assert type(loaded) is cls and not loaded.training
+            for key, value in module.state_dict().items():
+                assert torch.equal(loaded.state_dict()[key], value), (cls.__name__, key)
+
+
+def test_a_checkpoint_naming_two_classes_is_refused(trained, tmp_path):
+    ckpt = good_checkpoint(trained)
+    ckpt[MODULE_CLASS_KEY] = "tokenizers_q.trainers.MaskedTokenModule"
+    torch.save(ckpt, tmp_path / "two.ckpt")
+    with pytest.raises(ValueError, match="two.ckpt names two module classes"):
+        load_module(tmp_path / "two.ckpt")

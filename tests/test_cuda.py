@@ -89,7 +89,7 @@ def test_autoencoder_trains_on_cuda_in_bf16_with_a_gan(image_folder, tmp_path):
 def test_token_models_sample_on_cuda(cls):
     spec = TokenSpec((16, 16), ((16,), (16,)))
     torch.manual_seed(0)
-    model = cls(spec=spec.to_dict(), grid=[4, 4], num_classes=3, dim=32, depth=2, heads=4).cuda().eval()
+    model = cls(spec=spec.to_dict(), grid=[4, 4], num_classes=3, dim=32, depth=2, num_heads=4).cuda().eval()
     labels = torch.tensor([0, 1, 2, 3], device="cuda")
     codes = model.generate(4, labels, temperature=0)
     assert codes.device.type == "cuda" and codes.shape == (4, 4, 4, 2)

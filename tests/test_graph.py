@@ -11,7 +11,7 @@ from tokenizers_q.models.graph_encoder import GNNEncoder  # noqa: E402
 from tokenizers_q.models.graph_transformer import GraphTransformer  # noqa: E402
 from tokenizers_q.models.ppr import ppr_topk  # noqa: E402
 from tokenizers_q.packing import TokenSpec, load_tokens, save_tokens  # noqa: E402
-from tokenizers_q.trainers.artifacts import load_module  # noqa: E402
+from tokenizers_q.trainers.artifacts import load_graph_tokenizer, load_module  # noqa: E402
 from tokenizers_q.trainers.graph_data import (  # noqa: E402
     GraphDataModule,
     ba_house,
@@ -19,7 +19,7 @@ from tokenizers_q.trainers.graph_data import (  # noqa: E402
     edge_homophily,
     save_graph,
 )
-from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule, load_graph_tokenizer  # noqa: E402
+from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule  # noqa: E402
 from tokenizers_q.trainers.graph_transformer import GraphTransformerModule  # noqa: E402
 from tokenizers_q.trainers.node_tokens import NodeTokenDataModule, write_node_tokens  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_ppr_bad_input():
         ppr_topk(torch.tensor([[0], [1]]), 2, k=0)
     with pytest.raises(ValueError, match="alpha must be in"):
         ppr_topk(torch.tensor([[0], [1]]), 2, alpha=1.5)
-    with pytest.raises(ValueError, match="width must be an int of at least k"):
+    with pytest.raises(ValueError, match="width must be an int >= 5, got 3"):
         ppr_topk(torch.tensor([[0], [1]]), 2, k=4, width=3)
 
 
@@ -300,7 +300,7 @@ def test_each_ssl_loss_decreases(loss):
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
     history = []
     for _ in range(40):
-        losses, _ = module._losses(graph)
+        losses, _ = module._loss_terms(graph)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -342,7 +342,7 @@ def test_node_tokens_are_stable_and_survive_a_checkpoint(tmp_path):
 # -- graph transformer ------------------------------------------------------------------------------
 def test_graph_transformer_ignores_padding_and_learns_from_tokens():
     torch.manual_seed(0)
-    model = GraphTransformer([8, 8], num_classes=2, num_neighbours=3, dim=32, depth=1, heads=2, dropout=0.0).eval()
+    model = GraphTransformer([8, 8], num_classes=2, num_neighbours=3, dim=32, depth=1, num_heads=2, dropout=0.0).eval()
     codes = torch.randint(0, 8, (5, 4, 2))
     scores = torch.rand(5, 4)
     valid = torch.tensor([[True, True, False, False]] * 5)
@@ -367,13 +367,19 @@ def test_graph_transformer_ignores_padding_and_learns_from_tokens():
 
 
 def test_graph_transformer_bad_input_and_codebook_init():
-    model = GraphTransformer([8, 4], num_classes=3, num_neighbours=2, dim=16, depth=1, heads=2, gating=False)
+    model = GraphTransformer([8, 4], num_classes=3, num_neighbours=2, dim=16, depth=1, num_heads=2, gating=False)
     with pytest.raises(ValueError, match=r"expected codes \(B, 3, 2\)"):
         model(torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="scores .* must both be"):
         model(torch.zeros(2, 3, 2, dtype=torch.long), torch.ones(2, 4), torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="codebook_sizes must be positive ints"):
+    with pytest.raises(ValueError, match="codebook_sizes must list at least one codebook size"):
         GraphTransformer([], num_classes=2, num_neighbours=1)
+    with pytest.raises(ValueError, match=r"codebook_sizes\[1\] must be a positive int, got 0"):
+        GraphTransformer([8, 0], num_classes=2, num_neighbours=1)
+    with pytest.raises(TypeError, match=r"num_neighbours must be an int, got 1.5 \(float\)"):
+        GraphTransformer([8], num_classes=2, num_neighbours=1.5)
+    with pytest.raises(ValueError, match=r"dim \(16\) must be divisible by num_heads \(3\)"):
+        GraphTransformer([8], num_classes=2, num_neighbours=1, dim=16, num_heads=3)
     vectors = [torch.randn(8, 5), torch.randn(4, 5)]
     model.init_embeddings_from(vectors)
     distances = torch.cdist(model.embed[0].weight, model.embed[0].weight)
@@ -454,3 +460,28 @@ def test_mismatched_token_files_are_refused(tmp_path):
         GraphTransformerModule(token_file=str(image_tokens))
     with pytest.raises(ValueError, match="node labels data.y"):
         write_node_tokens(tokenizer, Data(x=graph.x, edge_index=graph.edge_index), tmp_path / "x.safetensors")
+
+
+def test_bits_per_node_and_the_shared_tables():
+    from tokenizers_q.memory import shared_bits
+
+    tokenizer = GraphTokenizerModule(in_dim=4, hidden_dim=8, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    assert tokenizer.bits_per_node() == 8.0  # two levels of 16 codes
+    assert tokenizer.shared_bits() == shared_bits(tokenizer.quantizer) >= 2 * 16 * 8 * 32  # float32 codebooks
+
+
+def test_graph_transformer_checkpoints_saved_with_heads_still_load(tmp_path):
+    import lightning as L
+
+    model = GraphTransformerModule(spec=TokenSpec((8, 8)).to_dict(), num_classes=3, num_neighbours=2, dim=16)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "gt.ckpt")
+    checkpoint = torch.load(tmp_path / "gt.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["heads"] = checkpoint["hyper_parameters"].pop("num_heads")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(DeprecationWarning, match=r"heads -> num_heads"):
+        restored = load_module(tmp_path / "old.ckpt", GraphTransformerModule)
+    assert restored.hparams.num_heads == 4 and restored.model.blocks.layers[0].self_attn.num_heads == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key

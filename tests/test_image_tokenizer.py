@@ -15,9 +15,9 @@ from PIL import Image
 from tokenizers_q import VQ
 from tokenizers_q.models import Decoder, Encoder, PatchDiscriminator
 from tokenizers_q.packing import load_tokens
-from tokenizers_q.trainers import AutoencoderModule, ImageDataModule
-from tokenizers_q.trainers.artifacts import read_module_file, tokenizer_fingerprint
-from tokenizers_q.trainers.autoencoder import load_tokenizer
+from tokenizers_q.trainers import AutoencoderModule, ImageDataModule, load_tokenizer
+from tokenizers_q.trainers import artifacts as artifacts_module
+from tokenizers_q.trainers.artifacts import MODULE_CLASS_KEY, read_module_file, tokenizer_fingerprint
 from tokenizers_q.trainers.cli import datamodule_from_checkpoint
 from tokenizers_q.trainers.cli import main as tokq
 from tokenizers_q.trainers.data import read_idx_images, read_idx_labels
@@ -108,7 +108,7 @@ def test_fashion_mnist_idx_files(tmp_path):
 def test_data_errors(tmp_path):
     with pytest.raises(ValueError, match="source must be one of"):
         ImageDataModule(source="webdataset", root=str(tmp_path))
-    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
+    with pytest.raises(ValueError, match=r"channels must be one of \(1, 3\), got 2"):
         ImageDataModule(channels=2)
     with pytest.raises(ValueError, match="needs a root folder"):
         ImageDataModule(source="folder")
@@ -170,6 +170,13 @@ def test_gan_training_steps_both_networks(image_folder, tmp_path):
     changed = [not torch.equal(disc_before[k], v) for k, v in model.discriminator.state_dict().items()]
     assert any(changed)
     assert {"train/g_loss", "train/d_loss", "train/gan_weight"} <= set(trainer.logged_metrics)
+    # one weight-decay rule for both optimizers; the generator's leaves the discriminator out
+    (opt_g, opt_d), _ = model.configure_optimizers()
+    discriminator = {id(p) for p in model.discriminator.parameters()}
+    assert not discriminator & {id(p) for g in opt_g.param_groups for p in g["params"]}
+    assert discriminator == {id(p) for g in opt_d.param_groups for p in g["params"]}
+    assert [g["weight_decay"] for g in opt_d.param_groups] == [0.01, 0.0]
+    assert all(p.dim() >= 2 for p in opt_d.param_groups[0]["params"])  # no decay on biases and norms
     with pytest.raises(ValueError, match="at least 24x24 for 3 layers, got"):
         PatchDiscriminator(1)(torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE))
 
@@ -225,10 +232,18 @@ def test_cli_fit_writes_checkpoint_logs_and_pngs(trained):
             assert im.size[0] > 16 and im.size[1] > 16, png
 
 
-def test_cli_encode_decode_matches_the_model(trained, tmp_path):
+def test_cli_encode_decode_matches_the_model(trained, tmp_path, monkeypatch):
     ckpt = trained / "checkpoints" / "last.ckpt"
+    assert (
+        torch.load(ckpt, weights_only=True)[MODULE_CLASS_KEY] == "tokenizers_q.trainers.autoencoder.AutoencoderModule"
+    )
     tokens_path = tmp_path / "tokens.safetensors"
+    reads = []
+    read_checkpoint = artifacts_module._read_checkpoint
+    monkeypatch.setattr(artifacts_module, "_read_checkpoint", lambda path: reads.append(path) or read_checkpoint(path))
     tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--split", "test"])
+    assert reads == [ckpt]  # the module and its data module come from one read
+    monkeypatch.undo()
     tokens = load_tokens(tokens_path)
     model = load_tokenizer(ckpt)
     data = datamodule_from_checkpoint(ckpt, {})

@@ -14,6 +14,32 @@ def test_core_import_pulls_in_neither_lightning_nor_wandb():  # quantizers, KV c
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_trainers_import_without_transformers():
+    """``transformers`` (the extra hf) is imported only by the functions that run a transformers model."""
+    code = (
+        "import importlib.metadata as md, sys;"
+        "version = md.version;"  # torchmetrics decides from the installed metadata whether to import transformers
+        "md.version = lambda name: (_ for _ in ()).throw(md.PackageNotFoundError(name)) "
+        "if name.lower() == 'transformers' else version(name);"
+        "sys.modules['transformers'] = None;"  # any import of it fails
+        "from tokenizers_q.trainers import *;"
+        "import tokenizers_q.trainers as trainers, tokenizers_q.trainers.cli, tokenizers_q.models;"
+        "missing = [name for name in trainers.__all__ if name not in globals()];"
+        "assert not missing, missing;"
+        "assert 'KVTokenizerModule' in globals() and 'collect_attention_inputs' in globals()"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+
+
+def test_attention_inputs_live_in_the_core():
+    code = (
+        "import sys; from tokenizers_q.kv.attention_inputs import collect_attention_inputs, read_attention_inputs;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_models_and_trainers_install_under_the_namespace():
     import tokenizers_q.models
     import tokenizers_q.trainers

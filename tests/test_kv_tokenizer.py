@@ -9,14 +9,10 @@ transformers = pytest.importorskip("transformers")
 from helpers import tiny_llama  # noqa: E402
 
 from tokenizers_q.kv import QuantizerLayerCache, apply_rotary  # noqa: E402
+from tokenizers_q.kv.attention_inputs import collect_attention_inputs, read_attention_inputs  # noqa: E402
 from tokenizers_q.kv.hf import hf_cache, hf_rotary  # noqa: E402
 from tokenizers_q.models import KVCodec  # noqa: E402
-from tokenizers_q.trainers import (  # noqa: E402
-    KVActivationDataModule,
-    KVTokenizerModule,
-    collect_attention_inputs,
-    load_kv_tokenizer,
-)
+from tokenizers_q.trainers import KVActivationDataModule, KVTokenizerModule, load_kv_tokenizer  # noqa: E402
 from tokenizers_q.trainers.kv_tokenizer import causal_attention  # noqa: E402
 
 SMALL_RVQ = {"num_quantizers": 2, "codebook_size": 16}
@@ -69,6 +65,12 @@ def test_codec_starts_as_its_quantizer_and_keeps_the_contract():
     codes = codec.encode(x)
     assert torch.equal(codes, codec.quantizer.encode(x))  # identity maps: the quantizer's own codes
     torch.testing.assert_close(codec.decode(codes), codec(x).quantized)
+    assert torch.equal(codec(x).codes, codes)
+    codec.train()
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    assert torch.equal(codec.encode(x), codes)  # encoding changes no state, in training mode too
+    assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())
+    assert [v.shape for v in codec.quantizer.code_vectors()] == [(16, 16), (16, 16)]
     out.quantized.sum().backward()
     assert codec.encoder.weight.grad is not None and codec.decoder.weight.grad.abs().sum() > 0
     assert codec.spec.bits_per_token == 8
@@ -112,6 +114,7 @@ def test_trained_tokenizer_round_trips_a_checkpoint_and_serves_generation(llama,
     fit = trainer(10, default_root_dir=tmp_path, enable_checkpointing=True)
     fit.fit(module, data)
     loaded = load_kv_tokenizer(fit.checkpoint_callback.best_model_path)
+    assert loaded.bits_per_element() == module.bits_per_element() == 6 / 16  # a method, as on caches
     x = activations["keys"][0, 1].float()
     assert torch.equal(loaded.key_codecs[1].encode(x), module.eval().key_codecs[1].encode(x))
     ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -135,7 +138,7 @@ def test_kv_tokenizer_errors(activations, tmp_path):
         KVTokenizerModule(num_layers=2, head_dim=16, quantizer_kwargs=SMALL_RVQ).layer_caches()
     with pytest.raises(ValueError, match=r"window must be an int in \[1, 64\]"):
         KVActivationDataModule(activations, window=65)
-    with pytest.raises(ValueError, match=r"val_sequences must be an int in \[0, 12\)"):
+    with pytest.raises(ValueError, match=r"val_sequences must be an int in \[0, 11\], got 12"):
         KVActivationDataModule(activations, window=32, val_sequences=12)
     with pytest.raises(ValueError, match="lack \\['cos', 'sin'\\]"):
         KVActivationDataModule({k: v for k, v in activations.items() if k not in ("cos", "sin")})
@@ -155,6 +158,7 @@ def test_kv_tokenizer_errors(activations, tmp_path):
 def test_activations_saved_to_a_file_are_served_alike(llama, tmp_path):
     ids = [torch.randint(1, 128, (16,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     data = collect_attention_inputs(llama, ids, tmp_path / "kv.safetensors")
+    assert all(torch.equal(v, data[k]) for k, v in read_attention_inputs(tmp_path / "kv.safetensors").items())
     loaded = KVActivationDataModule(tmp_path / "kv.safetensors", window=8, val_sequences=1)
     loaded.setup()
     assert len(loaded.splits["train"]) == 4 and len(loaded.splits["val"]) == 2

@@ -12,13 +12,12 @@ from tokenizers_q import create_quantizer, save_tokens
 from tokenizers_q.kv import KIVIConfig, KVCache
 from tokenizers_q.models import TokenTransformer, codes_to_digits, digits_to_codes
 from tokenizers_q.packing import TokenSpec
-from tokenizers_q.trainers import AutoregressiveTokenModule, MaskedTokenModule, TokenDataModule
-from tokenizers_q.trainers.cli import load_token_model
+from tokenizers_q.trainers import AutoregressiveTokenModule, MaskedTokenModule, TokenDataModule, load_token_model
+from tokenizers_q.trainers.artifacts import MODULE_CLASS_KEY, export_module, read_module_file
 from tokenizers_q.trainers.cli import main as tokq
-from tokenizers_q.trainers.token_module import code_vectors
 
 GRID = (3, 3)
-SMALL = dict(dim=32, depth=2, heads=4, dropout=0.0)
+SMALL = dict(dim=32, depth=2, num_heads=4, dropout=0.0)
 SPECS = {name: create_quantizer(name, **kwargs).spec for name, kwargs in CONFIGS.items()}
 
 
@@ -161,15 +160,15 @@ def test_embeddings_from_the_codebook():
     vq = create_quantizer("vq", dim=8, codebook_size=16, kmeans_init=False)
     vq.codebook.embed[3] = vq.codebook.embed[5]
     model = module(MaskedTokenModule, vq.spec)
-    model.transformer.init_embeddings_from(code_vectors(vq))
+    model.transformer.init_embeddings_from(vq.code_vectors())
     weight = model.transformer.embed[0].weight
     assert torch.equal(weight[3], weight[5]) and abs(weight.std().item() - 0.02) < 1e-3
     rvq = create_quantizer("rvq", dim=8, num_quantizers=2, codebook_size=4)
-    assert [v.shape for v in code_vectors(rvq)] == [(4, 8), (4, 8)]
+    assert [v.shape for v in rvq.code_vectors()] == [(4, 8), (4, 8)]
     with pytest.raises(ValueError, match="factorised=False"):
         module(MaskedTokenModule, SPECS["bsq"], factorised=True).transformer.init_embeddings_from([])
     with pytest.raises(ValueError, match="code vectors of 2 codebooks, expected 1"):
-        model.transformer.init_embeddings_from(code_vectors(rvq))
+        model.transformer.init_embeddings_from(rvq.code_vectors())
 
 
 def test_transformer_errors():
@@ -178,8 +177,16 @@ def test_transformer_errors():
         TokenTransformer(spec, (), **SMALL)
     with pytest.raises(ValueError, match="positions must be one of"):
         TokenTransformer(spec, GRID, **SMALL, positions="rope")
-    with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by heads \(4\)"):
-        TokenTransformer(spec, GRID, dim=30, heads=4)
+    with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by num_heads \(4\)"):
+        TokenTransformer(spec, GRID, dim=30, num_heads=4)
+    with pytest.raises(TypeError, match=r"num_heads must be an int, got 4.0 \(float\)"):
+        TokenTransformer(spec, GRID, dim=32, num_heads=4.0)
+    with pytest.raises(ValueError, match="num_classes must be a non-negative int, got -1"):
+        TokenTransformer(spec, GRID, **SMALL, num_classes=-1)
+    with pytest.raises(ValueError, match="top_k must be a non-negative int, got -1"):
+        module(AutoregressiveTokenModule, spec, top_k=-1)
+    with pytest.raises(ValueError, match="sample_steps must be a positive int, got 0"):
+        module(MaskedTokenModule, spec, sample_steps=0)
     model = TokenTransformer(spec, GRID, **SMALL, num_classes=2)
     with pytest.raises(ValueError, match="labels must be in"):
         model(random_codes(spec, 2).flatten(1, -2), torch.tensor([0, 5]))
@@ -236,6 +243,48 @@ def test_fit_reads_the_layout_from_the_data_and_checkpoints_rebuild(cls, tmp_pat
         assert torch.equal(restored.state_dict()[key], value), key
 
 
+def test_checkpoints_saved_with_heads_still_load(tmp_path):
+    model = module(AutoregressiveTokenModule, SPECS["rvq"], num_classes=2)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    assert checkpoint[MODULE_CLASS_KEY] == "tokenizers_q.trainers.autoregressive.AutoregressiveTokenModule"
+    hparams = checkpoint["hyper_parameters"]
+    hparams["heads"] = hparams.pop("num_heads")  # as checkpoints were saved before the renaming
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(DeprecationWarning, match=r"old.ckpt .*renamed arguments \(heads -> num_heads\)"):
+        restored = load_token_model(tmp_path / "old.ckpt")
+    assert restored.hparams.num_heads == 4 and "heads" not in restored.hparams
+    assert restored.transformer.blocks[0].attn.num_heads == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    with pytest.warns(DeprecationWarning, match="heads -> num_heads"):
+        exported = export_module(tmp_path / "old.ckpt", tmp_path / "model.safetensors")
+    assert read_module_file(exported).module["init_args"]["num_heads"] == 4  # exports carry the current name
+
+
+def test_one_weight_decay_rule():
+    from tokenizers_q.trainers.module import weight_decay_groups
+
+    model = module(MaskedTokenModule, SPECS["vq"], num_classes=2)
+    decay, no_decay = weight_decay_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    # weight matrices of linear layers decay; embeddings (tables, positions, the mask and prefix), norms and
+    # biases do not
+    assert all(n.endswith(".weight") and ("qkv" in n or "out" in n or "mlp" in n or "heads" in n) for n in decayed)
+    for name in ("transformer.prefix.weight", "transformer.embed.0.weight", "transformer.mask_embed"):
+        assert name in kept
+    assert "transformer.position.0" in kept and "transformer.norm.weight" in kept
+    assert "transformer.blocks.0.attn.qkv.bias" in kept and "transformer.blocks.0.attn.qkv.weight" in decayed
+    optimizer = model.configure_optimizers()[0][0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+
+
 def test_cli_fit_and_sample_through_a_tokenizer(trained, other_vq, tmp_path):
     # the tokens of a real (tiny) tokenizer, written by tokq encode, with labels and the checkpoint path
     tokens = tmp_path / "train.safetensors"
@@ -251,7 +300,7 @@ def test_cli_fit_and_sample_through_a_tokenizer(trained, other_vq, tmp_path):
         "false",
     ]
     args += ["--trainer.logger.init_args.save_dir", str(out), "--data.init_args.batch_size", "8"]
-    args += ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "4"]
+    args += ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.num_heads", "4"]
     args += ["--model.init_args.num_classes", "2", "--model.init_args.init_from_codebook", "true"]
     args += ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
     tokq(args)

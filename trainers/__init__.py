@@ -1,8 +1,23 @@
-"""Lightning modules, data modules, callbacks and the ``tokq`` CLI (installed as ``tokenizers_q.trainers``)."""
+"""Lightning modules, data modules, callbacks and the ``tokq`` CLI (installed as ``tokenizers_q.trainers``).
+
+Every training module subclasses :class:`~tokenizers_q.trainers.module.TrainingModule`; every trained module
+is read back by :func:`~tokenizers_q.trainers.artifacts.load_module` (``load_tokenizer`` and its siblings name
+the kind expected). Nothing here needs ``transformers``; the graph parts need ``torch_geometric`` (the extra
+``graph``), imported on first use and listed in ``__all__`` only where it is installed.
+"""
 
 import importlib
+import importlib.util
 
-from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
+from tokenizers_q.kv.attention_inputs import collect_attention_inputs
+from tokenizers_q.trainers.artifacts import (
+    load_graph_tokenizer,
+    load_kv_tokenizer,
+    load_module,
+    load_token_model,
+    load_tokenizer,
+)
+from tokenizers_q.trainers.autoencoder import AutoencoderModule
 from tokenizers_q.trainers.autoregressive import AutoregressiveTokenModule
 from tokenizers_q.trainers.callbacks import (
     CodebookHealth,
@@ -12,7 +27,10 @@ from tokenizers_q.trainers.callbacks import (
     SampleGrid,
 )
 from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
+from tokenizers_q.trainers.kv_data import KVActivationDataModule
+from tokenizers_q.trainers.kv_tokenizer import KVTokenizerModule
 from tokenizers_q.trainers.maskgit import MaskedTokenModule
+from tokenizers_q.trainers.module import TrainingModule
 from tokenizers_q.trainers.token_data import TokenDataModule
 
 _LAZY = {  # graph parts: torch_geometric is an optional extra, imported on first use
@@ -20,15 +38,9 @@ _LAZY = {  # graph parts: torch_geometric is an optional extra, imported on firs
     "ba_house": "graph_data",
     "contextual_sbm": "graph_data",
     "GraphTokenizerModule": "graph_tokenizer",
-    "load_graph_tokenizer": "graph_tokenizer",
     "GraphTransformerModule": "graph_transformer",
     "NodeTokenDataModule": "node_tokens",
     "write_node_tokens": "node_tokens",
-    # KV parts: transformers is an optional extra
-    "KVActivationDataModule": "kv_data",
-    "collect_attention_inputs": "kv_data",
-    "KVTokenizerModule": "kv_tokenizer",
-    "load_kv_tokenizer": "kv_tokenizer",
 }
 
 
@@ -45,23 +57,21 @@ __all__ = [
     "CodebookUsagePlot",
     "EpochSeededSampler",
     "ExportOnFitEnd",
-    "GraphDataModule",
-    "GraphTokenizerModule",
-    "GraphTransformerModule",
     "ImageDataModule",
     "KVActivationDataModule",
     "KVTokenizerModule",
     "MaskedTokenModule",
-    "NodeTokenDataModule",
     "ReconstructionGrid",
     "ResumableLoader",
     "SampleGrid",
     "TokenDataModule",
-    "ba_house",
+    "TrainingModule",
     "collect_attention_inputs",
-    "contextual_sbm",
     "load_graph_tokenizer",
     "load_kv_tokenizer",
+    "load_module",
+    "load_token_model",
     "load_tokenizer",
-    "write_node_tokens",
 ]
+if importlib.util.find_spec("torch_geometric") is not None:  # `import *` works without the graph extra
+    __all__ += sorted(_LAZY)

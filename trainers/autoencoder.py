@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from tokenizers_q.checks import check_choice
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.discriminator import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokenizers_q.quantizers import Quantizer, QuantizerOutput
-from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
+from tokenizers_q.trainers.module import Step, TrainingModule
 
 RECON_LOSSES = ("l1", "l2")
+#: the discriminator's AdamW weight decay (AdamW's default, which it always had)
+DISCRIMINATOR_WEIGHT_DECAY = 0.01
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(TrainingModule):
     r"""A discrete image autoencoder with injected parts.
 
     Images enter and leave in [0, 1]; the encoder sees them in [-1, 1].
@@ -30,7 +31,8 @@ class AutoencoderModule(L.LightningModule):
         quantizer: any library quantizer with ``dim == latent_dim`` (channel-first or not).
         lr: peak learning rate of AdamW. Default: 2e-3.
         betas: AdamW betas. Default: (0.9, 0.99).
-        weight_decay: AdamW weight decay. Default: 0.
+        weight_decay: AdamW weight decay of weight matrices (see :class:`~tokenizers_q.trainers.module.TrainingModule`).
+            Default: 0.
         warmup_steps: linear warm-up steps. Default: 100.
         min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` at the last step. Default: 0.05.
         recon_loss: ``"l1"`` or ``"l2"``. Default: ``"l1"``.
@@ -44,6 +46,8 @@ class AutoencoderModule(L.LightningModule):
         - input: (B, C, H, W) in [0, 1]
         - output: reconstruction (B, C, H, W) and the :class:`QuantizerOutput`
     """
+
+    fallback_total_steps = 10_000
 
     def __init__(
         self,
@@ -63,8 +67,7 @@ class AutoencoderModule(L.LightningModule):
         disc_weight: float = 0.5,
     ):
         super().__init__()
-        if recon_loss not in RECON_LOSSES:
-            raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        check_choice("recon_loss", recon_loss, RECON_LOSSES)
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a tokenizers_q Quantizer, got {type(quantizer).__name__}")
         for part, module in (("encoder", encoder), ("decoder", decoder)):
@@ -126,24 +129,22 @@ class AutoencoderModule(L.LightningModule):
     def _recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(recon, x) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, x)
 
-    def _step(self, batch, stage: str):
+    def losses(self, batch, stage: str) -> Step:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         recon, out = self(x)
         rec = self._recon_loss(recon, x)
         loss = rec + self.hparams.quantizer_weight * out.loss
-        log = {f"{stage}/rec_loss": rec, f"{stage}/quantizer_loss": out.loss}
+        log = {"rec_loss": rec, "quantizer_loss": out.loss}
         if stage == "train":
             self._optimize(x, recon, rec, loss, log)
             self.last_quantizer_metrics = out.metrics
         else:
             clamped = recon.clamp(0.0, 1.0)
-            log[f"{stage}/psnr"] = peak_signal_noise_ratio(clamped, x, data_range=1.0)
-            log[f"{stage}/ssim"] = structural_similarity_index_measure(clamped, x, data_range=1.0)
-            log.update({f"{stage}/{k}": v for k, v in out.metrics.items() if "/" not in k})
-        log[f"{stage}/loss"] = loss
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True)
-        self.log_dict({k: v.detach() for k, v in log.items() if k != f"{stage}/loss"}, prog_bar=False)
-        return {"loss": loss.detach(), "recon": recon.detach(), "codes": out.codes}
+            log["psnr"] = peak_signal_noise_ratio(clamped, x, data_range=1.0)
+            log["ssim"] = structural_similarity_index_measure(clamped, x, data_range=1.0)
+            log.update({k: v for k, v in out.metrics.items() if "/" not in k})
+        log["loss"] = loss.detach()
+        return Step(log, outputs={"recon": recon.detach(), "codes": out.codes})
 
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self._batches_done() >= self.hparams.disc_start_step
@@ -158,7 +159,7 @@ class AutoencoderModule(L.LightningModule):
             g_loss = hinge_g_loss(self.discriminator(recon))
             weight = self.hparams.disc_weight * adaptive_gan_weight(rec, g_loss, self.decoder.last_layer)
             loss = loss + weight * g_loss
-            log.update({"train/g_loss": g_loss, "train/gan_weight": weight})
+            log.update({"g_loss": g_loss, "gan_weight": weight})
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.grad_clip > 0:
@@ -170,43 +171,21 @@ class AutoencoderModule(L.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.optimizer.step()  # the raw optimizer: global_step keeps counting batches, not optimizer steps
-            log["train/d_loss"] = d_loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._step(batch, "test")
+            log["d_loss"] = d_loss
 
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
-        opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        scheduler = warmup_cosine_scheduler(opt_g, self)
+        opt_g = self.make_optimizer(exclude=["discriminator"])
+        scheduler = self.make_scheduler(opt_g)
         if self.discriminator is None:
             return [opt_g], [scheduler]
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        opt_d = self.make_optimizer(self.discriminator, weight_decay=DISCRIMINATOR_WEIGHT_DECAY)
         return [opt_g, opt_d], [scheduler]
 
     # -- determinism on resume -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["torch_rng_state"] = torch.get_rng_state()
-        # Parts built in Python (not from a config) are in the state dict already; pickling them
-        # again would make the checkpoint unloadable with torch.load(weights_only=True).
-        hparams = checkpoint.get("hyper_parameters", {})
-        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not isinstance(v, nn.Module)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
-
-
-def load_tokenizer(path: str | Path) -> AutoencoderModule:
-    """The image tokenizer in an exported artifact (``tokq export``) or a checkpoint of one's own run, in eval
-    mode on the CPU; read safely (:func:`~tokenizers_q.trainers.artifacts.load_module`)."""
-    from tokenizers_q.trainers.artifacts import load_module
-
-    return load_module(path, AutoencoderModule)

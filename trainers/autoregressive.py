@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.kv import KVCache
+from tokenizers_q.trainers.module import Step
 from tokenizers_q.trainers.token_module import BITS_PER_NAT, TokenModule
 
 
@@ -23,8 +25,9 @@ class AutoregressiveTokenModule(TokenModule):
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if temperature < 0 or top_k < 0:
-            raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_int("top_k", top_k, minimum=0)
         self.save_hyperparameters()
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,13 +35,11 @@ class AutoregressiveTokenModule(TokenModule):
         hidden = self.transformer(codes[:, :-1], labels, causal=True)
         return -self.transformer.log_prob(self.transformer.logits(hidden), codes)
 
-    def _step(self, batch, stage: str):
+    def losses(self, batch, stage: str) -> Step:
         codes, labels = self._batch(batch)
         loss = self.nll(codes, labels).mean()
         bits = loss.detach() * BITS_PER_NAT
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log_dict({f"{stage}/bits_per_token": bits, f"{stage}/bits_per_image": bits * self.seq_len})
-        return loss
+        return Step({"loss": loss, "bits_per_token": bits, "bits_per_image": bits * self.seq_len})
 
     @torch.no_grad()
     def generate(

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.files import atomic_write
 
 
@@ -52,9 +53,7 @@ class CodebookHealth(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = getattr(pl_module, "last_quantizer_metrics", {})
@@ -72,7 +71,7 @@ class ReconstructionGrid(L.Callback):
     """
 
     def __init__(self, num_images: int = 16):
-        self.num_images = num_images
+        self.num_images = check_int("num_images", num_images)
         self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_path: Path | None = None
 
@@ -100,7 +99,7 @@ class CodebookUsagePlot(L.Callback):
     """
 
     def __init__(self, max_panels: int = 8):
-        self.max_panels = max_panels
+        self.max_panels = check_int("max_panels", max_panels)
         self._counts: list[torch.Tensor] | None = None
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -137,9 +136,7 @@ class SampleGrid(L.Callback):
     """
 
     def __init__(self, num_images: int = 40, seed: int = 0):
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        self.num_images, self.seed = num_images, seed
+        self.num_images, self.seed = check_int("num_images", num_images), seed
         self._tokenizer = None
         self.last_path: Path | None = None
 
@@ -148,7 +145,7 @@ class SampleGrid(L.Callback):
         if path is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if self._tokenizer is None:
-            from tokenizers_q.trainers.autoencoder import load_tokenizer
+            from tokenizers_q.trainers.artifacts import load_tokenizer
 
             self._tokenizer = load_tokenizer(path).to(pl_module.device)
         classes = pl_module.hparams.num_classes

@@ -24,31 +24,29 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from tokenizers_q.trainers.artifacts import load_datamodule, load_module, tokenizer_fingerprint
-from tokenizers_q.trainers.autoencoder import AutoencoderModule, load_tokenizer
+from tokenizers_q.trainers.artifacts import (
+    ModuleFile,
+    load_datamodule,
+    load_module,
+    load_token_model,
+    load_tokenizer,
+    read_module_file,
+    tokenizer_fingerprint,
+)
+from tokenizers_q.trainers.autoencoder import AutoencoderModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 TOKEN_COMMANDS = ("encode", "decode", "sample", "inspect", "export")
 
 
-def datamodule_from_checkpoint(path: str | Path, overrides: dict):
-    """The image data module an exported tokenizer or a checkpoint was trained on, with ``overrides``."""
+def datamodule_from_checkpoint(source: str | Path | ModuleFile, overrides: dict):
+    """The image data module an exported tokenizer or a checkpoint (or what :func:`read_module_file` read from
+    one) was trained on, with ``overrides``."""
     from tokenizers_q.trainers.data import ImageDataModule
 
-    return load_datamodule(path, ImageDataModule, overrides)
-
-
-def load_token_model(path: str | Path):
-    """A transformer on tokens (MaskGIT or autoregressive) from its export or checkpoint, in eval mode on the CPU."""
-    from tokenizers_q.trainers.token_module import TokenModule
-
-    model = load_module(path, TokenModule)
-    if type(model) is TokenModule:
-        raise ValueError(f"{path} holds a bare TokenModule, not a transformer on tokens (MaskGIT or autoregressive)")
-    return model
+    return load_datamodule(source, ImageDataModule, overrides)
 
 
 def sample_command(argv: list[str]) -> Path:
@@ -115,12 +113,13 @@ def encode_command(argv: list[str]) -> Path:
 
     from tokenizers_q.packing import save_tokens
 
-    model = load_module(args.ckpt, nn.Module)
+    file = read_module_file(args.ckpt)  # read once: the module and its data module are built from it
+    model = load_module(file)
     if type(model).__name__ == "GraphTokenizerModule":
-        return encode_graph(model, args)
+        return encode_graph(model, file, args)
     if not isinstance(model, AutoencoderModule):
         raise ValueError(f"{args.ckpt} holds a {type(model).__name__}, not an image or graph tokenizer")
-    data = datamodule_from_checkpoint(args.ckpt, {"root": args.data_root, "batch_size": args.batch_size})
+    data = datamodule_from_checkpoint(file, {"root": args.data_root, "batch_size": args.batch_size})
     codes_t, labels = encode_split(model, data, args.split)
     spec = model.quantizer.spec
     metadata = {
@@ -139,12 +138,12 @@ def encode_command(argv: list[str]) -> Path:
     return path
 
 
-def encode_graph(model, args) -> Path:
+def encode_graph(model, file: ModuleFile, args) -> Path:
     """``tokq encode`` for a graph tokenizer: every node's codes, labels, masks and PPR neighbours."""
     from tokenizers_q.trainers.graph_data import GraphDataModule
     from tokenizers_q.trainers.node_tokens import write_node_tokens
 
-    data = load_datamodule(args.ckpt, GraphDataModule, {"graph": args.graph})
+    data = load_datamodule(file, GraphDataModule, {"graph": args.graph})
     data.setup()
     k = args.ppr_k or data.hparams.ppr_k
     alpha = args.ppr_alpha or data.hparams.ppr_alpha

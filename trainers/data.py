@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from tokenizers_q.checks import check_choice
+
 SOURCES = ("fashion_mnist", "folder", "torchvision")
 SPLITS = ("train", "val", "test")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -154,8 +156,7 @@ class SplitDataModule(L.LightningDataModule):
 
     def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
         """A loader over ``split`` (train / val / test); used by the CLI's ``encode`` too."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         self.setup()
         if split not in self.splits:
             raise ValueError(f"no {split} {self.item_name}: pass {split}_{self.item_name}")
@@ -216,10 +217,8 @@ class ImageDataModule(SplitDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        check_choice("source", source, SOURCES)
+        check_choice("channels", channels, (1, 3))
         if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1), got {val_fraction}, {test_fraction}")
         self.save_hyperparameters()

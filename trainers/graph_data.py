@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
+from tokenizers_q.checks import check_choice, check_int
 from tokenizers_q.files import atomic_write
 from tokenizers_q.models.ppr import check_edge_index
 from tokenizers_q.trainers.data import SPLITS
@@ -66,8 +67,9 @@ def contextual_sbm(
     Shapes:
         - x: (N, num_features) float32; edge_index: (2, E) int64; y: (N,) int64
     """
-    if num_nodes < num_classes or num_classes < 2:
-        raise ValueError(f"need num_classes >= 2 and num_nodes >= num_classes, got {num_nodes} and {num_classes}")
+    check_int("num_classes", num_classes, minimum=2)
+    check_int("num_nodes", num_nodes, minimum=num_classes)  # at least one node per class
+    check_int("num_features", num_features)
     if not 0.0 <= homophily <= 1.0:
         raise ValueError(f"homophily must be in [0, 1], got {homophily}")
     if avg_degree <= 0 or feature_noise < 0:
@@ -351,8 +353,7 @@ class GraphDataModule(L.LightningDataModule):
 
     def dataloader(self, split: str = "train") -> DataLoader:
         """A loader yielding the whole graph once; ``split`` only names the mask a step scores."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         self.setup()
         return DataLoader([self.data], batch_size=None)
 

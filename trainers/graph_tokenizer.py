@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import torch
 from torch_geometric.data import Data
 
+from tokenizers_q import memory
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.graph_encoder import GNNEncoder
 from tokenizers_q.models.graph_ssl import DeepGraphInfomax, LatentPrediction, MaskedFeatureReconstruction
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 from tokenizers_q.trainers.graph_data import check_graph
-from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
+from tokenizers_q.trainers.module import Step, TrainingModule
 
 DEFAULT_QUANTIZER = {"num_quantizers": 3, "codebook_size": 256}
 
 
-class GraphTokenizerModule(L.LightningModule):
+class GraphTokenizerModule(TrainingModule):
     r"""Node tokens from a GNN and a quantizer, trained with switchable self-supervised losses.
 
     Each node gets ``num_codebooks`` codes (one per RVQ level by default: hierarchical tokens).
@@ -141,14 +139,17 @@ class GraphTokenizerModule(L.LightningModule):
         stats = [usage_metrics(code_counts(codes[:, c], k)) for c, k in enumerate(self.quantizer.spec.codebook_sizes)]
         return {name: [s[name].item() for s in stats if s] for name in ("usage", "perplexity")}
 
-    def bits_per_node(self) -> dict[str, float]:
-        """Exactly packed code bits per node, and the codebook's float32 size in bits (amortise it yourself)."""
-        codebook_bits = 32 * sum(p.numel() for p in self.quantizer.parameters())
-        codebook_bits += 32 * sum(b.numel() for n, b in self.quantizer.named_buffers() if n.endswith("embed"))
-        return {"code_bits": float(self.quantizer.spec.bits_per_token), "codebook_bits": float(codebook_bits)}
+    def bits_per_node(self) -> float:
+        """Exactly packed code bits per node (the quantizer's tables, shared by every node, are :meth:`shared_bits`)."""
+        return float(self.quantizer.spec.bits_per_token)
+
+    def shared_bits(self) -> int:
+        """Bits of the quantizer's tables (codebooks, projections) in their stored dtype, shared by every node
+        (:func:`tokenizers_q.memory.shared_bits`): amortise them over the nodes coded."""
+        return memory.shared_bits(self.quantizer)
 
     # -- training ----------------------------------------------------------------------------
-    def _losses(self, data: Data) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _loss_terms(self, data: Data) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         hp, x, edge_index = self.hparams, data.x, data.edge_index
         out = self.quantizer(self.encoder(x, edge_index))
         losses = {"quantizer": out.loss}
@@ -173,28 +174,19 @@ class GraphTokenizerModule(L.LightningModule):
         total = sum(weights[k] * v for k, v in losses.items())
         return {**losses, "loss": total}, out.codes
 
-    def _step(self, data: Data, stage: str):
+    def losses(self, data: Data, stage: str) -> Step:
         self._check(data)
-        losses, codes = self._losses(data)
-        self.log(f"{stage}/loss", losses["loss"].detach(), prog_bar=True, batch_size=1)
-        self.log_dict({f"{stage}/{k}_loss": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=1)
+        losses, codes = self._loss_terms(data)
+        logged = {"loss": losses["loss"], **{f"{k}_loss": v for k, v in losses.items() if k != "loss"}}
+        outputs = None
         if stage != "train":
             mask = data[f"{stage}_mask"] if f"{stage}_mask" in data else torch.ones(len(codes), dtype=torch.bool)
-            return {"loss": losses["loss"], "codes": codes[mask]}
-        return losses["loss"]
-
-    def training_step(self, data: Data, batch_idx: int):
-        return self._step(data, "train")
+            outputs = {"codes": codes[mask]}
+        return Step(logged, outputs, batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.bgrl is not None:
             self.bgrl.update_teacher(self.encoder)
-
-    def validation_step(self, data: Data, batch_idx: int):
-        return self._step(data, "val")
-
-    def test_step(self, data: Data, batch_idx: int):
-        return self._step(data, "test")
 
     def on_validation_epoch_end(self) -> None:
         data = self.trainer.datamodule.data if self._trainer is not None and self.trainer.datamodule else None
@@ -203,17 +195,3 @@ class GraphTokenizerModule(L.LightningModule):
         stats = self.code_statistics(data.to(self.device))
         for level, (usage, perplexity) in enumerate(zip(stats["usage"], stats["perplexity"])):
             self.log_dict({f"val/usage_{level}": usage, f"val/perplexity_{level}": perplexity}, batch_size=1)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
-        return [opt], [{"scheduler": scheduler, "interval": "step"}]
-
-
-def load_graph_tokenizer(path: str | Path) -> GraphTokenizerModule:
-    """The graph tokenizer in an exported artifact or a checkpoint, in eval mode on the CPU (read safely)."""
-    from tokenizers_q.trainers.artifacts import load_module
-
-    return load_module(path, GraphTokenizerModule)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from tokenizers_q.models.graph_transformer import GraphTransformer
 from tokenizers_q.packing import TokenSpec, load_tokens
+from tokenizers_q.trainers.artifacts import load_graph_tokenizer
+from tokenizers_q.trainers.module import Step, TrainingModule
 from tokenizers_q.trainers.node_tokens import check_node_tokens
-from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
-from tokenizers_q.trainers.token_module import code_vectors
 
 
-class GraphTransformerModule(L.LightningModule):
+class GraphTransformerModule(TrainingModule):
     r"""Node classification from node tokens and PPR neighbourhoods.
 
     The layout (TokenSpec, classes, neighbours, tokenizer checkpoint) is read from
@@ -24,12 +23,15 @@ class GraphTransformerModule(L.LightningModule):
         token_file: a node token file to read the layout from.
         spec, num_classes, num_neighbours: the layout given directly instead.
         tokenizer: graph tokenizer checkpoint (for ``init_from_codebook``); default: the token file's.
-        dim, depth, heads, mlp_ratio, dropout, gating: see :class:`~tokenizers_q.models.GraphTransformer`.
+        dim, depth, num_heads, mlp_ratio, dropout, gating: see :class:`~tokenizers_q.models.GraphTransformer`
+            (checkpoints saved with ``heads`` still load).
         init_from_codebook: start code embeddings from the tokenizer's codebooks. Default: False.
         label_smoothing: of the cross-entropy. Default: 0.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up and cosine decay.
             Defaults: 1e-3, 0.05, 50, 0.05.
     """
+
+    renamed_arguments = {"heads": "num_heads"}
 
     def __init__(
         self,
@@ -40,7 +42,7 @@ class GraphTransformerModule(L.LightningModule):
         tokenizer: str | None = None,
         dim: int = 128,
         depth: int = 2,
-        heads: int = 4,
+        num_heads: int = 4,
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         gating: bool = True,
@@ -73,7 +75,7 @@ class GraphTransformerModule(L.LightningModule):
             num_neighbours,
             hp.dim,
             hp.depth,
-            hp.heads,
+            hp.num_heads,
             hp.mlp_ratio,
             hp.dropout,
             hp.gating,
@@ -104,36 +106,15 @@ class GraphTransformerModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._check_data()
         if self.hparams.init_from_codebook and self.trainer.ckpt_path is None:
-            from tokenizers_q.trainers.graph_tokenizer import load_graph_tokenizer
-
             if self.hparams.tokenizer is None:
                 raise ValueError("init_from_codebook needs the tokenizer checkpoint (tokenizer=...)")
-            vectors = code_vectors(load_graph_tokenizer(self.hparams.tokenizer).quantizer)
+            vectors = load_graph_tokenizer(self.hparams.tokenizer).quantizer.code_vectors()
             self.model.init_embeddings_from([v.to(self.device) for v in vectors])
 
-    def _step(self, batch, stage: str):
+    def losses(self, batch, stage: str) -> Step:
         codes, scores, valid, labels = batch
         logits = self(codes, scores, valid)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=stage != "train", batch_size=len(labels))
-        self.log(f"{stage}/accuracy", accuracy, prog_bar=stage != "train", batch_size=len(labels))
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._step(batch, "test")
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for p in self.parameters() if not any(p is q for q in decay)]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=hp.lr)
-        scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
-        return [opt], [{"scheduler": scheduler, "interval": "step"}]
+        shown = () if stage == "train" else ("loss", "accuracy")
+        return Step({"loss": loss, "accuracy": accuracy}, batch_size=len(labels), shown=shown)

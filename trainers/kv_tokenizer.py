@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.kv import (
     DenseAndSparseLayerCache,
     LayerCache,
@@ -16,10 +14,10 @@ from tokenizers_q.kv import (
     QuantizerLayerCache,
     apply_rotary,
 )
+from tokenizers_q.kv.attention_inputs import check_attention_inputs
 from tokenizers_q.kv.rope import Rotary
 from tokenizers_q.models.kv_codec import KVCodec
-from tokenizers_q.trainers.kv_data import check_attention_inputs
-from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
+from tokenizers_q.trainers.module import Step, TrainingModule
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -38,7 +36,7 @@ def causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
 
 
-class KVTokenizerModule(L.LightningModule):
+class KVTokenizerModule(TrainingModule):
     r"""One key codec and one value codec (:class:`~tokenizers_q.models.KVCodec`) per attention layer,
     trained to keep each layer's attention output, not only its keys and values.
 
@@ -76,8 +74,8 @@ class KVTokenizerModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
     ):
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_int("num_layers", num_layers)
+        check_int("head_dim", head_dim)
         for name, weight in (("attention_weight", attention_weight), ("reconstruction_weight", reconstruction_weight)):
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight!r}")
@@ -87,7 +85,6 @@ class KVTokenizerModule(L.LightningModule):
         self.key_codecs = nn.ModuleList(KVCodec(head_dim, quantizer, quantizer_kwargs) for _ in range(num_layers))
         self.value_codecs = nn.ModuleList(KVCodec(head_dim, quantizer, quantizer_kwargs) for _ in range(num_layers))
 
-    @property
     def bits_per_element(self) -> float:
         """Code bits per key or value element (shared codecs not counted)."""
         return self.key_codecs[0].spec.bits_per_token / self.hparams.head_dim
@@ -98,7 +95,7 @@ class KVTokenizerModule(L.LightningModule):
         initialisation on the first pass, EMA updates on the ``passes - 1`` others.
 
         Shapes:
-            - activations: from :func:`~tokenizers_q.trainers.collect_attention_inputs`
+            - activations: from :func:`~tokenizers_q.kv.attention_inputs.collect_attention_inputs`
         """
         check_attention_inputs(activations)
         keys, values = activations["keys"], activations["values"]
@@ -131,7 +128,7 @@ class KVTokenizerModule(L.LightningModule):
             caches.append(PreRoPELayerCache(cache, rotary) if self.hparams.pre_rope else cache)
         return caches
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def losses(self, batch: dict[str, torch.Tensor], stage: str) -> Step:
         hp = self.hparams
         queries, keys, values = batch["queries"], batch["keys"], batch["values"]
         if keys.shape[1] != hp.num_layers or keys.shape[-1] != hp.head_dim:
@@ -159,27 +156,6 @@ class KVTokenizerModule(L.LightningModule):
             + hp.reconstruction_weight * reconstruction_error
             + hp.quantizer_weight * quantizer_loss / hp.num_layers
         )
-        batch_size = keys.shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log(f"{stage}/attention_error", attention_error, prog_bar=stage == "val", batch_size=batch_size)
-        self.log(f"{stage}/kv_error", reconstruction_error, batch_size=batch_size)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        scheduler = warmup_cosine_scheduler(opt, self, fallback_total=1000)
-        return [opt], [{"scheduler": scheduler, "interval": "step"}]
-
-
-def load_kv_tokenizer(path: str | Path) -> KVTokenizerModule:
-    """The KV tokenizer in an exported artifact or a checkpoint, in eval mode on the CPU (read safely)."""
-    from tokenizers_q.trainers.artifacts import load_module
-
-    return load_module(path, KVTokenizerModule)
+        logged = {"loss": loss, "attention_error": attention_error, "kv_error": reconstruction_error}
+        shown = ("loss", "attention_error") if stage == "val" else ("loss",)
+        return Step(logged, batch_size=keys.shape[0], shown=shown)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from tokenizers_q.checks import check_int
+from tokenizers_q.trainers.module import Step
 from tokenizers_q.trainers.token_module import BITS_PER_NAT, TokenModule
 
 
@@ -38,8 +40,7 @@ class MaskedTokenModule(TokenModule):
 
     def __init__(self, sample_steps: int = 8, temperature: float = 1.0, choice_temperature: float = 4.5, **kwargs):
         super().__init__(**kwargs)
-        if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        check_int("sample_steps", sample_steps)
         self.save_hyperparameters()
 
     def random_mask(self, batch: int) -> torch.Tensor:
@@ -49,7 +50,7 @@ class MaskedTokenModule(TokenModule):
         ranks = torch.rand(batch, length, device=self.device).argsort(1).argsort(1)
         return ranks < count.unsqueeze(1)
 
-    def _step(self, batch, stage: str):
+    def losses(self, batch, stage: str) -> Step:
         codes, labels = self._batch(batch)
         mask = self.random_mask(codes.shape[0])
         hidden = self.transformer(codes, labels, mask=mask)[:, 1:]
@@ -60,11 +61,7 @@ class MaskedTokenModule(TokenModule):
             predicted = self.transformer.sample(logits, temperature=0)
             correct = (predicted == codes).all(-1)
             accuracy = (correct & mask).sum() / mask.sum()
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log_dict(
-            {f"{stage}/bits_per_masked_token": loss.detach() * BITS_PER_NAT, f"{stage}/masked_accuracy": accuracy}
-        )
-        return loss
+        return Step({"loss": loss, "bits_per_masked_token": loss.detach() * BITS_PER_NAT, "masked_accuracy": accuracy})
 
     @torch.no_grad()
     def generate(
@@ -85,8 +82,7 @@ class MaskedTokenModule(TokenModule):
         steps = hp.sample_steps if steps is None else steps
         temperature = hp.temperature if temperature is None else temperature
         choice_temperature = hp.choice_temperature if choice_temperature is None else choice_temperature
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_int("steps", steps)
         labels = self._labels(labels)
         length, spec = self.seq_len, self.transformer.spec
         codes = torch.zeros(num, length, spec.num_codebooks, dtype=torch.long, device=self.device)

@@ -45,7 +45,8 @@ def write_node_tokens(
         "ppr_k": ppr_k,
         "ppr_alpha": ppr_alpha,
         "quantizer": type(tokenizer.quantizer).__name__,
-        **tokenizer.bits_per_node(),
+        "code_bits": tokenizer.bits_per_node(),
+        "codebook_bits": float(tokenizer.shared_bits()),
         **(metadata or {}),
     }
     extras = {

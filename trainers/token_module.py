@@ -4,39 +4,19 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 from torch import nn
 
 from tokenizers_q.models.token_transformer import TokenTransformer
 from tokenizers_q.packing import TokenSpec
-from tokenizers_q.quantizers import Quantizer
-from tokenizers_q.trainers.artifacts import CHECKPOINT_CLASS_KEY
-from tokenizers_q.trainers.autoencoder import load_tokenizer
-from tokenizers_q.trainers.schedule import warmup_cosine_scheduler
+from tokenizers_q.trainers.artifacts import load_tokenizer
+from tokenizers_q.trainers.module import TrainingModule
 from tokenizers_q.trainers.token_data import token_file_layout
 
 BITS_PER_NAT = 1.0 / math.log(2.0)
 
 
-def code_vectors(quantizer: Quantizer) -> list[torch.Tensor]:
-    """The latent vector of every code of every codebook of a quantizer: one (K_c, e) tensor per codebook.
-
-    RVQ levels and PQ groups give one tensor each; single-codebook quantizers one.
-    """
-    parts = getattr(quantizer, "layers", None) or getattr(quantizer, "groups", None) or [quantizer]
-    vectors = []
-    for part in parts:
-        if part.spec.num_codebooks != 1:
-            raise ValueError(f"cannot list the codes of a nested {type(part).__name__} with several codebooks")
-        size = part.spec.codebook_sizes[0]
-        device = next(iter([*part.parameters(), *part.buffers()]), torch.empty(0)).device
-        with torch.no_grad():
-            vectors.append(part._decode_flat(torch.arange(size, device=device).unsqueeze(1)).float())
-    return vectors
-
-
-class TokenModule(L.LightningModule):
+class TokenModule(TrainingModule):
     r"""Base of :class:`MaskedTokenModule` and :class:`AutoregressiveTokenModule`.
 
     The transformer's heads come from the tokens' layout (TokenSpec, grid, and the
@@ -53,15 +33,19 @@ class TokenModule(L.LightningModule):
             and codebook initialisation); default: the one named in the token file.
         tokenizer_fingerprint: that tokenizer's fingerprint, checked when sampling; default: the token file's.
         num_classes: classes for conditioning (0: unconditional). Default: 0.
-        dim, depth, heads, mlp_ratio, dropout, factorised, positions: see
-            :class:`~tokenizers_q.models.TokenTransformer`.
+        dim, depth, num_heads, mlp_ratio, dropout, factorised, positions: see
+            :class:`~tokenizers_q.models.TokenTransformer` (checkpoints saved with ``heads`` still load).
         init_from_codebook: start the token embeddings from the tokenizer's code vectors. Default: False.
         lr: peak AdamW learning rate. Default: 1e-3.
         betas: AdamW betas. Default: (0.9, 0.95).
-        weight_decay: on weight matrices only. Default: 0.05.
+        weight_decay: on weight matrices only (see :class:`~tokenizers_q.trainers.module.TrainingModule`).
+            Default: 0.05.
         warmup_steps: linear warm-up. Default: 200.
         min_lr_ratio: cosine decay floor. Default: 0.1.
     """
+
+    fallback_total_steps = 10_000
+    renamed_arguments = {"heads": "num_heads"}
 
     def __init__(
         self,
@@ -73,7 +57,7 @@ class TokenModule(L.LightningModule):
         num_classes: int = 0,
         dim: int = 256,
         depth: int = 6,
-        heads: int = 8,
+        num_heads: int = 8,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         factorised: bool = False,
@@ -105,7 +89,7 @@ class TokenModule(L.LightningModule):
             grid,
             hp.dim,
             hp.depth,
-            hp.heads,
+            hp.num_heads,
             hp.mlp_ratio,
             hp.dropout,
             hp.factorised,
@@ -140,34 +124,12 @@ class TokenModule(L.LightningModule):
             raise ValueError(f"expected codes (B, {self.seq_len}, num_codebooks), got {tuple(codes.shape)}")
         return codes, self._labels(labels)
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._step(batch, "test")
-
     def on_fit_start(self) -> None:
         if self.hparams.init_from_codebook and self.trainer.ckpt_path is None:
             if self.hparams.tokenizer is None:
                 raise ValueError("init_from_codebook needs the tokenizer checkpoint (tokenizer=...)")
-            vectors = code_vectors(load_tokenizer(self.hparams.tokenizer).quantizer)
+            vectors = load_tokenizer(self.hparams.tokenizer).quantizer.code_vectors()
             self.transformer.init_embeddings_from([v.to(self.device) for v in vectors])
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # lets tokq sample rebuild checkpoints of models made in Python too (LightningCLI adds _class_path)
-        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and ".embed" not in n and "position" not in n]
-        no_decay = [p for n, p in self.named_parameters() if not any(p is q for q in decay)]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        scheduler = warmup_cosine_scheduler(opt, self)
-        return [opt], [{"scheduler": scheduler, "interval": "step"}]
 
     # -- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
