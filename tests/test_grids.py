@@ -51,11 +51,25 @@ def test_bits_per_element_counts_the_metadata():
     assert stored / x.numel() == grid_bits_per_element(4, 128)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_group_size_that_does_not_divide_the_axis_leaves_a_shorter_last_group(symmetric):
+    x = torch.randn(3, 10)
+    codes = quantize_grid(x, 4, axis=1, group_size=4, symmetric=symmetric)
+    assert codes.levels.shape == (3, 10) and codes.scale.shape == (3, 3)
+    for span, group in ((slice(0, 4), 0), (slice(4, 8), 1), (slice(8, 10), 2)):  # each group as if alone
+        alone = quantize_grid(x[:, span], 4, axis=1, symmetric=symmetric)
+        assert torch.equal(codes.levels[:, span], alone.levels)
+        assert torch.equal(codes.scale[:, group], alone.scale[:, 0])
+    assert torch.allclose(
+        dequantize_grid(codes)[:, 8:], dequantize_grid(quantize_grid(x[:, 8:], 4, axis=1, symmetric=symmetric))
+    )
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="bits must be an int in \\[1, 16\\], got 0"):
         quantize_grid(torch.randn(4), 0)
-    with pytest.raises(ValueError, match="group_size must divide the size 10 of axis 0, got 4"):
-        quantize_grid(torch.randn(10), 4, group_size=4)
+    with pytest.raises(ValueError, match="group_size must be a positive int, got 0"):
+        quantize_grid(torch.randn(10), 4, group_size=0)
     with pytest.raises(TypeError, match="x must be floating point, got dtype torch.int64"):
         quantize_grid(torch.arange(4), 4)
     with pytest.raises(ValueError, match="axis 2 is out of range"):

@@ -4,7 +4,9 @@ The scalar core shared by KV-cache quantizers (KIVI: keys per channel over group
 of tokens, values per token) and weight quantization (per output channel or per
 group of inputs). Every group of ``group_size`` consecutive elements along
 ``axis`` gets its own scale (and, asymmetric, its own offset); an element is
-stored as an integer level in ``[0, 2^bits)``.
+stored as an integer level in ``[0, 2^bits)``. Any group size fits any length:
+where it does not divide it, the last group is shorter (576 inputs in groups of
+128 are four groups of 128 and one of 64).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class GridCodes(NamedTuple):
     Shapes:
         - levels: the input's shape, uint8 (bits <= 8) or int16, values in [0, 2^bits)
         - scale, offset: the input's shape with ``axis`` moved last and replaced by its
-          number of groups, float16 as stored (offset is None when symmetric)
+          number of groups (``ceil(size / group_size)``), float16 as stored (offset is None when symmetric)
     """
 
     levels: torch.Tensor
@@ -41,11 +43,27 @@ def _check(x: torch.Tensor, bits: int, axis: int, group_size: int | None) -> tup
     if x.dim() == 0 or not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
     axis = axis % x.dim()
-    length = x.shape[axis]
-    group_size = length if group_size is None else group_size
-    if check_int("group_size", group_size) and length % group_size:
-        raise ValueError(f"group_size must divide the size {length} of axis {axis}, got {group_size!r}")
+    group_size = max(1, x.shape[axis]) if group_size is None else check_int("group_size", group_size)
     return axis, group_size
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The last axis of ``x`` cut into groups of ``group_size``; a shorter last group is filled up with copies of
+    the axis's last element (which changes no group's min, max or abs-max).
+
+    Shapes:
+        - x: (*, L); output: (*, ceil(L / group_size), group_size)
+    """
+    length = x.shape[-1]
+    fill = -length % group_size
+    if fill:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], fill)], -1)
+    return x.reshape(*x.shape[:-1], -1, group_size)
+
+
+def ungrouped(groups: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of :func:`grouped`: (*, G, group_size) -> (*, length)."""
+    return groups.reshape(*groups.shape[:-2], -1)[..., :length]
 
 
 def quantize_grid(
@@ -61,14 +79,15 @@ def quantize_grid(
         x: floating-point tensor.
         bits: 1..16.
         axis: the axis grouped. Default: -1.
-        group_size: elements per group along ``axis``; must divide its size. Default: the whole axis.
+        group_size: elements per group along ``axis`` (the last group is shorter where it does not divide the
+            axis). Default: the whole axis.
         symmetric: abs-max grid centred on zero. Default: False.
     """
     axis, group_size = _check(x, bits, axis, group_size)
     if symmetric and bits < 2:
         raise ValueError("a symmetric grid needs bits >= 2 (one level each side of zero)")
     moved = x.movedim(axis, -1).float()
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // group_size, group_size)
+    groups = grouped(moved, group_size)
     tiny = torch.finfo(torch.float16).tiny
     if symmetric:
         half = 2 ** (bits - 1) - 1
@@ -81,7 +100,7 @@ def quantize_grid(
         levels = torch.round((groups - low.float()) / scale.float()).clamp(0, 2**bits - 1)
         offset = low.squeeze(-1)
     dtype = torch.uint8 if bits <= 8 else torch.int16
-    levels = levels.to(dtype).reshape(moved.shape).movedim(-1, axis)
+    levels = ungrouped(levels.to(dtype), moved.shape[-1]).movedim(-1, axis)
     return GridCodes(levels, scale.squeeze(-1), offset, bits, axis, group_size)
 
 
@@ -96,12 +115,12 @@ def _stored(values: torch.Tensor) -> torch.Tensor:
 def dequantize_grid(codes: GridCodes, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The grid values of ``codes`` as a ``dtype`` tensor of the original shape."""
     moved = codes.levels.movedim(codes.axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // codes.group_size, codes.group_size).float()
+    groups = grouped(moved, codes.group_size).float()
     if codes.offset is None:
         values = (groups - (2 ** (codes.bits - 1) - 1)) * codes.scale.float()[..., None]
     else:
         values = groups * codes.scale.float()[..., None] + codes.offset.float()[..., None]
-    return values.reshape(moved.shape).movedim(-1, codes.axis).to(dtype)
+    return ungrouped(values, moved.shape[-1]).movedim(-1, codes.axis).to(dtype)
 
 
 def grid_bits_per_element(bits: int, group_size: int, symmetric: bool = False) -> float:

@@ -14,6 +14,7 @@ from tokenizers_q.weights.quantize import (
     quantize_,
     save_quantized,
 )
+from tokenizers_q.weights.rotated import RotatedConfig
 from tokenizers_q.weights.ternary import TernaryConfig
 from tokenizers_q.weights.vector import VectorCodebookConfig
 
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "QuantizedWeight",
+    "RotatedConfig",
     "TernaryConfig",
     "VectorCodebookConfig",
     "WeightQuantConfig",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizers_q.checks import check_choice, check_int
-from tokenizers_q.grids import GridCodes, quantize_grid
+from tokenizers_q.grids import GridCodes, grouped, quantize_grid, ungrouped
 from tokenizers_q.packing import code_dtype
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
@@ -32,7 +32,8 @@ class IntGridConfig(WeightQuantConfig):
         bits: 2..8. Default: 4.
         granularity: one scale per ``"tensor"``, per output ``"channel"``, or per ``"group"`` of
             ``group_size`` consecutive input channels. Default: ``"group"``.
-        group_size: input channels per group (must divide the input width). Default: 128.
+        group_size: input channels per group; where it does not divide the input width, the last group of
+            each row is shorter (its scale counted like the others). Default: 128.
         symmetric: abs-max grid centred on zero (else min-max with an offset). Default: True.
         gptq: GPTQ error compensation with calibration data. Default: False.
         act_order: with ``gptq``, quantize columns by decreasing input energy; group scales are then
@@ -58,12 +59,7 @@ class IntGridConfig(WeightQuantConfig):
         return self.gptq
 
     def _group(self, weight: torch.Tensor) -> int:
-        columns = weight.shape[1]
-        if self.granularity == "group":
-            if columns % self.group_size:
-                raise ValueError(f"group_size {self.group_size} must divide the input width {columns}")
-            return self.group_size
-        return columns
+        return self.group_size if self.granularity == "group" else weight.shape[1]
 
     def quantize(self, weight, hessian=None):
         check_weight(weight, hessian, self.needs_hessian)
@@ -131,9 +127,10 @@ class IntGridConfig(WeightQuantConfig):
             return layout_weight(layout, tensors, tuple(shape))
         levels = unpack_levels(tensors["codes"], self.bits, tuple(shape), torch.float32)
         scale, offset = tensors["scale"], tensors.get("offset")  # (rows or 1 for the tensor, groups)
-        values = levels.reshape(shape[0], scale.shape[1], -1)
+        rows = levels.reshape(scale.shape[0], -1)  # a row of the weight, or all of it for one tensor scale
+        values = grouped(rows, self._group(rows))
         if offset is None:
             values = (values - (2 ** (self.bits - 1) - 1)) * scale[:, :, None]
         else:
             values = values * scale[:, :, None] + offset[:, :, None]
-        return values.reshape(shape)
+        return ungrouped(values, rows.shape[1]).reshape(shape)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizers_q.checks import check_int
+from tokenizers_q.grids import grouped, ungrouped
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_weight,
@@ -33,7 +34,8 @@ class NF4Config(WeightQuantConfig):
     float16) and rounded to the nearest NF4 level (4 bits).
 
     Args:
-        group_size: weights per scale (must divide the input width). Default: 64.
+        group_size: weights per scale; where it does not divide the input width, the last block of each row
+            is shorter. Default: 64.
     """
 
     group_size: int = 64
@@ -43,13 +45,11 @@ class NF4Config(WeightQuantConfig):
 
     def quantize(self, weight, hessian=None):
         check_weight(weight, hessian, False)
-        if weight.shape[1] % self.group_size:
-            raise ValueError(f"group_size {self.group_size} must divide the input width {weight.shape[1]}")
-        blocks = weight.float().reshape(weight.shape[0], -1, self.group_size)
+        blocks = grouped(weight.float(), self.group_size)
         scale = blocks.abs().amax(-1).clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
         normalised = blocks / scale.float()[..., None]
         levels = (normalised[..., None] - NF4_LEVELS.to(weight.device)).abs().argmin(-1)
-        return {"codes": pack_levels(levels, 4), "scale": scale}
+        return {"codes": pack_levels(ungrouped(levels, weight.shape[1]), 4), "scale": scale}
 
     def row_code_bits(self, columns):
         return 4 * columns
@@ -58,6 +58,7 @@ class NF4Config(WeightQuantConfig):
         return ("scale",)
 
     def dequantize(self, tensors, shape):
-        blocks = (shape[0], shape[1] // self.group_size, self.group_size)
-        values = lookup(tensors["codes"], 4, blocks, NF4_LEVELS.to(tensors["codes"].device))
-        return (values * tensors["scale"][:, :, None]).reshape(shape)
+        values = lookup(tensors["codes"], 4, tuple(shape), NF4_LEVELS.to(tensors["codes"].device))
+        if shape[1] % self.group_size == 0:
+            return (values.reshape(shape[0], -1, self.group_size) * tensors["scale"][:, :, None]).reshape(shape)
+        return ungrouped(grouped(values, self.group_size) * tensors["scale"][:, :, None], shape[1])
