@@ -6,6 +6,7 @@ from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
 from tokenizers_q.kv.learned import QuantizerLayerCache, calibrate_quantizer
 from tokenizers_q.kv.rope import PreRoPELayerCache, apply_rotary, rotary_tables
+from tokenizers_q.kv.rotated import RotatedLayerCache
 from tokenizers_q.kv.sparse import DenseAndSparseLayerCache, outlier_bounds
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LayerCalibration",
     "PreRoPELayerCache",
     "QuantizerLayerCache",
+    "RotatedLayerCache",
     "apply_rotary",
     "attention",
     "calibrate_quantizer",
