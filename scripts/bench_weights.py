@@ -33,6 +33,7 @@ from tokenizers_q.weights import (
     IntGridConfig,
     KMeansConfig,
     NF4Config,
+    RotatedConfig,
     TernaryConfig,
     VectorCodebookConfig,
     model_bits_per_weight,
@@ -54,6 +55,19 @@ OURS = {
     "vector-2": VectorCodebookConfig(group_size=4, codebook_size=256),
     "vector-2-refined": VectorCodebookConfig(group_size=4, codebook_size=256, refine_iters=200),
     "ternary": TernaryConfig("channel"),
+    # incoherence processing: the same methods on W R (a randomized Hadamard rotation of the inputs)
+    "had-nf4": RotatedConfig(NF4Config(64)),
+    "had-int4-g128-asym-gptq-ord-clip": RotatedConfig(
+        IntGridConfig(4, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20)
+    ),
+    "had-int3-g128-asym-gptq-ord-clip": RotatedConfig(
+        IntGridConfig(3, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20)
+    ),
+    "had-int2-g128-asym-gptq-ord-clip": RotatedConfig(
+        IntGridConfig(2, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20)
+    ),
+    "had-kmeans-3-act-gptq-ord": RotatedConfig(KMeansConfig(3, weighting="activation", gptq=True, act_order=True)),
+    "had-kmeans-2-act-gptq-ord": RotatedConfig(KMeansConfig(2, weighting="activation", gptq=True, act_order=True)),
 }
 ANCHORS = ("torchao-int8", "torchao-int4-g128", "bnb-nf4")
 METHODS = ("fp32", *OURS, *ANCHORS)

@@ -10,6 +10,7 @@ from tokenizers_q.files import current_arguments
 from tokenizers_q.kmeans import residual_kmeans
 from tokenizers_q.weights import (
     NF4_LEVELS,
+    GaussianGridConfig,
     HessianAccumulator,
     IntGridConfig,
     KMeansConfig,
@@ -358,6 +359,8 @@ def test_sequential_statistics_see_the_quantized_layers_before():
         IntGridConfig(4, group_size=128, gptq=True),
         IntGridConfig(4, group_size=128, gptq=True, act_order=True),
         NF4Config(group_size=64),
+        GaussianGridConfig(4, group_size=128),
+        GaussianGridConfig(4, group_size=128, gptq=True, act_order=True),
     ],
 )
 def test_any_group_size_quantizes_any_width(config):

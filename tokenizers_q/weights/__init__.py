@@ -1,6 +1,7 @@
 """Weight quantization of existing models on the shared core: ``quantize_(model, config)``."""
 
 from tokenizers_q.weights.config import WeightQuantConfig, register_weight_config
+from tokenizers_q.weights.gaussian import GaussianGridConfig, gaussian_levels
 from tokenizers_q.weights.gptq import HessianAccumulator, gptq
 from tokenizers_q.weights.grid import IntGridConfig
 from tokenizers_q.weights.modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
@@ -20,6 +21,7 @@ from tokenizers_q.weights.vector import VectorCodebookConfig
 
 __all__ = [
     "NF4_LEVELS",
+    "GaussianGridConfig",
     "HessianAccumulator",
     "IntGridConfig",
     "KMeansConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "WeightQuantConfig",
     "collect_hessians",
     "format_summary",
+    "gaussian_levels",
     "gptq",
     "load_quantized",
     "model_bits_per_weight",

@@ -38,6 +38,8 @@ class IntGridConfig(WeightQuantConfig):
         gptq: GPTQ error compensation with calibration data. Default: False.
         act_order: with ``gptq``, quantize columns by decreasing input energy; group scales are then
             fixed from the weights before compensation (static groups). Default: False.
+        clip_search: clipping ratios tried per group (:func:`~tokenizers_q.grids.quantize_grid`), the one of
+            least squared error kept; 0: the full range. Default: 0.
     """
 
     bits: int = 4
@@ -46,6 +48,7 @@ class IntGridConfig(WeightQuantConfig):
     symmetric: bool = True
     gptq: bool = False
     act_order: bool = False
+    clip_search: int = 0
 
     def __post_init__(self):
         check_bits(self.bits, 2, 8)
@@ -53,6 +56,7 @@ class IntGridConfig(WeightQuantConfig):
             raise ValueError("act_order orders the columns of GPTQ: set gptq=True")
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_int("group_size", self.group_size)
+        check_int("clip_search", self.clip_search, 0)
 
     @property
     def needs_hessian(self) -> bool:
@@ -65,12 +69,11 @@ class IntGridConfig(WeightQuantConfig):
         check_weight(weight, hessian, self.needs_hessian)
         weight = weight.float()
         rows = weight.reshape(1, -1) if self.granularity == "tensor" else weight
+        static = quantize_grid(rows, self.bits, 1, self._group(rows), self.symmetric, self.clip_search)
         if not self.gptq:
-            codes = quantize_grid(rows, self.bits, axis=1, group_size=self._group(rows), symmetric=self.symmetric)
-            return self._tensors(codes)
+            return self._tensors(static)
         group = self._group(weight)
-        # scales fixed from the weights before compensation: one for the tensor, or per group with act_order
-        static = quantize_grid(rows, self.bits, axis=1, group_size=self._group(rows), symmetric=self.symmetric)
+        # static scales, fixed from the weights before compensation: one for the tensor, or per group with act_order
         levels = torch.zeros(weight.shape, dtype=torch.uint8)
         scales, offsets = [], []
         state = {}
@@ -83,7 +86,7 @@ class IntGridConfig(WeightQuantConfig):
                 offset = None if static.offset is None else static.offset[:, span]
                 state["codes"] = static._replace(scale=static.scale[:, span], offset=offset)
             elif index % group == 0:  # the group's scale from its compensated values so far
-                state["codes"] = quantize_grid(pending[:, :group], self.bits, axis=1, symmetric=self.symmetric)
+                state["codes"] = quantize_grid(pending[:, :group], self.bits, 1, None, self.symmetric, self.clip_search)
                 scales.append(state["codes"].scale)
                 offsets.append(state["codes"].offset)
             codes = state["codes"]

@@ -20,16 +20,22 @@ class RotatedConfig(WeightQuantConfig):
     ``inner``'s; ``R`` is rebuilt from the seed (nothing more is stored), and dequantizing applies ``R^T`` to
     each row.
 
+    With ``rotate_outputs`` the rows are rotated as well (``R_out^T W R``, QuIP#'s two-sided incoherence):
+    rows of very different norms then share their scale, and each stored row mixes a block of output
+    channels (so the rows of an embedding table are no longer read alone).
+
     Args:
         inner: the method applied to the rotated weight, e.g. ``IntGridConfig(4, group_size=128, gptq=True)``
             (or its dict, as saved).
-        seed: the rotation's random signs. Default: 0.
+        seed: the rotation's random signs (the output rotation's are ``seed + 1``). Default: 0.
         max_block: largest Hadamard block. Default: 256.
+        rotate_outputs: rotate the rows too. Default: False.
     """
 
     inner: WeightQuantConfig
     seed: int = 0
     max_block: int = MAX_BLOCK
+    rotate_outputs: bool = False
 
     def __post_init__(self):
         if isinstance(self.inner, dict):
@@ -39,26 +45,34 @@ class RotatedConfig(WeightQuantConfig):
         check_int("seed", self.seed, 0)
         check_int("max_block", self.max_block)
 
-    def rotation(self, width: int) -> HadamardRotation:
-        return HadamardRotation(width, self.seed, self.max_block)
+    def rotation(self, width: int, outputs: bool = False) -> HadamardRotation:
+        """The rotation of the inputs (of ``width``), or with ``outputs`` of the rows."""
+        return HadamardRotation(width, self.seed + outputs, self.max_block)
 
     @property
     def needs_hessian(self) -> bool:
         return self.inner.needs_hessian
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "inner": self.inner.to_dict(), "seed": self.seed, "max_block": self.max_block}
+        fields = {"seed": self.seed, "max_block": self.max_block, "rotate_outputs": self.rotate_outputs}
+        return {"method": self.method, "inner": self.inner.to_dict(), **fields}
 
     def quantize(self, weight, hessian=None):
         rotation = self.rotation(weight.shape[1])
         rotated = rotation.rotate(weight.float())
+        if self.rotate_outputs:  # R_out^T W R
+            rotated = self.rotation(weight.shape[0], outputs=True).rotate(rotated.T).T.contiguous()
         return self.inner.quantize(rotated, None if hessian is None else rotation.conjugate(hessian.float()))
 
     def dequantize(self, tensors, shape):
-        return self.rotation(shape[1]).unrotate(self.inner.dequantize(tensors, shape))
+        weight = self.inner.dequantize(tensors, shape)
+        if self.rotate_outputs:
+            weight = self.rotation(shape[0], outputs=True).unrotate(weight.T).T
+        return self.rotation(shape[1]).unrotate(weight)
 
     def vector_product(self, tensors, shape, x):
-        return self.inner.vector_product(tensors, shape, self.rotation(shape[1]).rotate(x))
+        product = self.inner.vector_product(tensors, shape, self.rotation(shape[1]).rotate(x))
+        return self.rotation(shape[0], outputs=True).unrotate(product) if self.rotate_outputs else product
 
     def row_tensors(self):
         return self.inner.row_tensors()
@@ -67,4 +81,4 @@ class RotatedConfig(WeightQuantConfig):
         return self.inner.row_code_bits(columns)
 
     def select_rows(self, tensors, shape, rows):
-        return self.inner.select_rows(tensors, shape, rows)
+        return None if self.rotate_outputs else self.inner.select_rows(tensors, shape, rows)
