@@ -30,6 +30,7 @@ import time
 import torch
 
 from tokenizers_q.weights import (
+    GaussianGridConfig,
     IntGridConfig,
     KMeansConfig,
     NF4Config,
@@ -67,6 +68,18 @@ OURS = {
         IntGridConfig(2, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20)
     ),
     "had-kmeans-3-act-gptq-ord": RotatedConfig(KMeansConfig(3, weighting="activation", gptq=True, act_order=True)),
+    # MSE-optimal grids of a normal on weights rotated on both sides (bits + 16/64 per weight)
+    **{
+        f"had2-gauss{bits}-g64-gptq-ord": RotatedConfig(
+            GaussianGridConfig(bits, group_size=64, gptq=True, act_order=True), rotate_outputs=True
+        )
+        for bits in (4, 3, 2)
+    },
+    "had2-int4-g128-asym-gptq-ord-clip": RotatedConfig(
+        IntGridConfig(4, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20),
+        rotate_outputs=True,
+    ),
+    "had-gauss2-g64-gptq-ord": RotatedConfig(GaussianGridConfig(2, group_size=64, gptq=True, act_order=True)),
     "had-kmeans-2-act-gptq-ord": RotatedConfig(KMeansConfig(2, weighting="activation", gptq=True, act_order=True)),
 }
 ANCHORS = ("torchao-int8", "torchao-int4-g128", "bnb-nf4")

@@ -1,6 +1,7 @@
 """Weight quantization of existing models on the shared core: ``quantize_(model, config)``."""
 
 from tokenizers_q.weights.config import WeightQuantConfig, register_weight_config
+from tokenizers_q.weights.distill import distill_
 from tokenizers_q.weights.gaussian import GaussianGridConfig, gaussian_levels
 from tokenizers_q.weights.gptq import HessianAccumulator, gptq
 from tokenizers_q.weights.grid import IntGridConfig
@@ -34,6 +35,7 @@ __all__ = [
     "VectorCodebookConfig",
     "WeightQuantConfig",
     "collect_hessians",
+    "distill_",
     "format_summary",
     "gaussian_levels",
     "gptq",

@@ -56,6 +56,10 @@ class QuantizedWeight(nn.Module):
             self._cached = weight
         return weight
 
+    def _tuned(self) -> bool:
+        """Whether a stored tensor takes gradients (while :func:`~tokenizers_q.weights.distill_` tunes it)."""
+        return any(getattr(self, n).requires_grad for n in self.stored)
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._cached = None
         return super()._load_from_state_dict(*args, **kwargs)
@@ -101,7 +105,8 @@ class QuantizedLinear(QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        differentiable = torch.is_grad_enabled() and x.requires_grad  # the packed kernels have no backward
+        # the packed kernels have no backward: gradients to the input, or to stored tensors being tuned (distill_)
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or self._tuned())
         if self.layout is not None and not self.cache_weight and x.device.type == "cpu" and not differentiable:
             tensors = {n: getattr(self, n) for n in self.stored}
             out = layout_linear(self.layout, x, tensors)

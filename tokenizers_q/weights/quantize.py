@@ -25,13 +25,13 @@ def default_filter(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _run(model: nn.Module, batch) -> None:
+def run_batch(model: nn.Module, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, else ``model(batch)``: its output."""
     if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def _config_for(name: str, config: WeightQuantConfig | None, overrides: dict) -> WeightQuantConfig | None:
@@ -43,7 +43,7 @@ def _config_for(name: str, config: WeightQuantConfig | None, overrides: dict) ->
 
 @torch.no_grad()
 def collect_hessians(
-    model: nn.Module, names: list[str], calibration: Iterable, run: Callable = _run
+    model: nn.Module, names: list[str], calibration: Iterable, run: Callable = run_batch
 ) -> dict[str, torch.Tensor]:
     """Input second moments ``H = X^T X / N`` of the named linear layers over calibration batches.
 
@@ -75,7 +75,7 @@ def quantize_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: dict[str, WeightQuantConfig | None] | None = None,
     calibration: Iterable | None = None,
-    run: Callable = _run,
+    run: Callable = run_batch,
     cache_weight: bool = False,
     sequential: bool = False,
     progress: bool = True,
