@@ -32,6 +32,13 @@ def _sylvester(size: int) -> torch.Tensor:
     return matrix / size**0.5
 
 
+@torch.compiler.disable  # made once per width and seed, never traced
+@functools.lru_cache(maxsize=64)
+def hadamard_rotation(width: int, seed: int = 0, max_block: int = MAX_BLOCK) -> HadamardRotation:
+    """The :class:`HadamardRotation` of these arguments, made once and shared."""
+    return HadamardRotation(width, seed, max_block)
+
+
 class HadamardRotation:
     r"""A seeded randomized block-Hadamard rotation of the last axis.
 

@@ -28,6 +28,7 @@ from tokenizers_q.weights.gptq import gptq
 SCALE_FITS = 3  # alternations of nearest-level assignment and the least-squares scale of each group
 
 
+@torch.compiler.disable  # computed once and cached, never traced
 @functools.lru_cache(maxsize=8)
 def gaussian_levels(bits: int) -> torch.Tensor:
     """The ``2^bits`` Lloyd-Max levels of a standard normal, ascending (e.g. +-0.4528, +-1.5104 at 2 bits).

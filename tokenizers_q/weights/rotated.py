@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenizers_q.checks import check_int
-from tokenizers_q.hadamard import MAX_BLOCK, HadamardRotation
+from tokenizers_q.hadamard import MAX_BLOCK, HadamardRotation, hadamard_rotation
 from tokenizers_q.weights.config import WeightQuantConfig, register_weight_config
 
 
@@ -47,7 +47,7 @@ class RotatedConfig(WeightQuantConfig):
 
     def rotation(self, width: int, outputs: bool = False) -> HadamardRotation:
         """The rotation of the inputs (of ``width``), or with ``outputs`` of the rows."""
-        return HadamardRotation(width, self.seed + outputs, self.max_block)
+        return hadamard_rotation(width, self.seed + outputs, self.max_block)
 
     @property
     def needs_hessian(self) -> bool:
