@@ -37,6 +37,8 @@ from tokenizers_q.weights import (
     RotatedConfig,
     TernaryConfig,
     VectorCodebookConfig,
+    allocate_bits,
+    distill_,
     model_bits_per_weight,
     quantize_,
 )
@@ -82,8 +84,17 @@ OURS = {
     "had-gauss2-g64-gptq-ord": RotatedConfig(GaussianGridConfig(2, group_size=64, gptq=True, act_order=True)),
     "had-kmeans-2-act-gptq-ord": RotatedConfig(KMeansConfig(2, weighting="activation", gptq=True, act_order=True)),
 }
+#: per-matrix allocation (allocate_bits) among rotated grids, at these budgets of bits per weight
+ALLOCATED = {"alloc-4.25": 4.25, "alloc-3.25": 3.25, "alloc-2.25": 2.25}
+ALLOCATION_CONFIGS = [
+    *(RotatedConfig(GaussianGridConfig(bits, group_size=64, gptq=True, act_order=True)) for bits in (1, 2, 3, 4, 5)),
+    *(
+        RotatedConfig(IntGridConfig(bits, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20))
+        for bits in (2, 3, 4)
+    ),
+]
 ANCHORS = ("torchao-int8", "torchao-int4-g128", "bnb-nf4")
-METHODS = ("fp32", *OURS, *ANCHORS)
+METHODS = ("fp32", *OURS, *ALLOCATED, *ANCHORS)
 
 
 def load_encoder():
@@ -117,14 +128,16 @@ def docstrings(skip: int, count: int) -> list[str]:
     raise SystemExit("not enough standard-library docstrings")
 
 
+def sentence_embeddings(model, batch) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings of one tokenized batch (as the model was trained)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 @torch.no_grad()
 def embed(model, batches) -> torch.Tensor:
-    out = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"][..., None].float()
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+    return torch.cat([sentence_embeddings(model, batch) for batch in batches])
 
 
 def quantize_anchor(method: str, model) -> None:
@@ -176,6 +189,10 @@ def main() -> None:
     parser.add_argument(
         "--sequential", action="store_true", help="each layer's input statistics with the layers before quantized"
     )
+    parser.add_argument(
+        "--distill-steps", type=int, default=0, help="then tune scales, norms and biases towards fp32 (distill_)"
+    )
+    parser.add_argument("--distill-lr", type=float, default=1e-3, help="distill_'s learning rate (relative)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -194,6 +211,7 @@ def main() -> None:
     held_out = batches(docstrings(skip=120, count=args.sentences))
     # calibration: one docstring per batch, as the held-out sentences are embedded, so no padding enters H
     calibration = [dict(tokenizer(text, return_tensors="pt")) for text in docstrings(skip=0, count=args.calibration)]
+    distill_batches = batches(docstrings(skip=0, count=args.calibration))
     reference = embed(model, held_out)
     neighbours = (reference @ reference.T).fill_diagonal_(-2).argmax(1)
     rows = []
@@ -201,9 +219,18 @@ def main() -> None:
         candidate = copy.deepcopy(model)
         start = time.perf_counter()
         try:
-            if method in OURS:
+            if method in OURS or method in ALLOCATED:
                 options = dict(calibration=calibration, sequential=args.sequential, progress=False, verbose=False)
-                quantize_(candidate, OURS[method], **options)
+                if method in OURS:
+                    quantize_(candidate, OURS[method], **options)
+                else:
+                    chosen = allocate_bits(
+                        candidate, ALLOCATION_CONFIGS, ALLOCATED[method], calibration, progress=False
+                    )
+                    quantize_(candidate, None, overrides=chosen, **options)
+                if args.distill_steps:  # towards the float model's sentence embeddings on the calibration docstrings
+                    options = dict(run=sentence_embeddings, output=lambda x: x, progress=False)
+                    distill_(candidate, model, distill_batches, steps=args.distill_steps, lr=args.distill_lr, **options)
                 bits = model_bits_per_weight(candidate)
             elif method in ANCHORS:
                 bits = anchor_bits(method, candidate)
@@ -219,7 +246,9 @@ def main() -> None:
         agree = ((got @ got.T).fill_diagonal_(-2).argmax(1) == neighbours).float().mean().item()
         rows.append(
             {
-                "method": method,
+                "method": f"{method}+distill{args.distill_steps}"
+                if args.distill_steps and method not in ANCHORS
+                else method,
                 "bits": bits,
                 "cos_mean": cosine.mean().item(),
                 "cos_min": cosine.min().item(),

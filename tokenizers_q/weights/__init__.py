@@ -1,5 +1,6 @@
 """Weight quantization of existing models on the shared core: ``quantize_(model, config)``."""
 
+from tokenizers_q.weights.allocate import allocate_bits, output_error
 from tokenizers_q.weights.config import WeightQuantConfig, register_weight_config
 from tokenizers_q.weights.distill import distill_
 from tokenizers_q.weights.gaussian import GaussianGridConfig, gaussian_levels
@@ -34,6 +35,7 @@ __all__ = [
     "TernaryConfig",
     "VectorCodebookConfig",
     "WeightQuantConfig",
+    "allocate_bits",
     "collect_hessians",
     "distill_",
     "format_summary",
@@ -41,6 +43,7 @@ __all__ = [
     "gptq",
     "load_quantized",
     "model_bits_per_weight",
+    "output_error",
     "quantize_",
     "register_weight_config",
     "save_quantized",
