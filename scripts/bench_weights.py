@@ -247,7 +247,7 @@ def main() -> None:
         rows.append(
             {
                 "method": f"{method}+distill{args.distill_steps}"
-                if args.distill_steps and method not in ANCHORS
+                if args.distill_steps and method not in ("fp32", *ANCHORS)
                 else method,
                 "bits": bits,
                 "cos_mean": cosine.mean().item(),
