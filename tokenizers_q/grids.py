@@ -47,6 +47,15 @@ def _check(x: torch.Tensor, bits: int, axis: int, group_size: int | None) -> tup
     return axis, group_size
 
 
+def nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of ascending ``levels`` (L,) for every value (a search among the midpoints).
+
+    Shapes:
+        - values: any; output: the same shape, int64 in [0, L)
+    """
+    return torch.bucketize(values, (levels[1:] + levels[:-1]) / 2)
+
+
 def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """The last axis of ``x`` cut into groups of ``group_size``; a shorter last group is filled up with copies of
     the axis's last element (which changes no group's min, max or abs-max).

@@ -5,6 +5,7 @@ from tokenizers_q.kv.calibration import LayerCalibration, load_calibration, save
 from tokenizers_q.kv.coupled import CoupledCodebooks, CQConfig, CQLayerCache
 from tokenizers_q.kv.kivi import KIVIConfig, KIVILayerCache
 from tokenizers_q.kv.learned import QuantizerLayerCache, calibrate_quantizer
+from tokenizers_q.kv.nuq import NUQConfig, NUQLayerCache, NUQLevels
 from tokenizers_q.kv.rope import PreRoPELayerCache, apply_rotary, rotary_tables
 from tokenizers_q.kv.rotated import RotatedLayerCache
 from tokenizers_q.kv.sparse import DenseAndSparseLayerCache, outlier_bounds
@@ -20,6 +21,9 @@ __all__ = [
     "KVCache",
     "LayerCache",
     "LayerCalibration",
+    "NUQConfig",
+    "NUQLayerCache",
+    "NUQLevels",
     "PreRoPELayerCache",
     "QuantizerLayerCache",
     "RotatedLayerCache",

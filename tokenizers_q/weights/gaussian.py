@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizers_q.checks import check_int
-from tokenizers_q.grids import grouped, ungrouped
+from tokenizers_q.grids import grouped, nearest_level, ungrouped
 from tokenizers_q.weights.config import (
     WeightQuantConfig,
     check_bits,
@@ -46,17 +46,12 @@ def gaussian_levels(bits: int) -> torch.Tensor:
     return levels.float()
 
 
-def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of ascending ``levels`` for every value."""
-    return torch.bucketize(values, (levels[1:] + levels[:-1]) / 2)
-
-
 def _fit_scales(groups: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Scales (out, G) of groups (out, G, g): from their RMS, refined by alternating nearest levels and the
     least-squares scale for them; float16 as stored."""
     scale = groups.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float16).tiny)
     for _ in range(SCALE_FITS):
-        chosen = levels[_nearest(groups / scale, levels)]
+        chosen = levels[nearest_level(groups / scale, levels)]
         fitted = (groups * chosen).sum(-1, keepdim=True) / chosen.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
         scale = torch.where(fitted > 0, fitted, scale)
     return scale[..., 0].to(torch.float16)
@@ -111,12 +106,12 @@ class GaussianGridConfig(WeightQuantConfig):
             indices = torch.zeros(weight.shape, dtype=torch.long, device=weight.device)
 
             def column(values, index, pending):
-                indices[:, index] = _nearest(values / column_scale[:, index], levels)
+                indices[:, index] = nearest_level(values / column_scale[:, index], levels)
                 return levels[indices[:, index]] * column_scale[:, index]
 
             gptq(weight, hessian, column, act_order=self.act_order)
         else:
-            indices = _nearest(weight / column_scale, levels)
+            indices = nearest_level(weight / column_scale, levels)
         return {"codes": pack_levels(indices, self.bits), "scale": scale}
 
     def row_tensors(self):
