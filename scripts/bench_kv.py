@@ -39,8 +39,12 @@ from tokenizers_q.kv import (
     DenseAndSparseLayerCache,
     FullPrecisionLayerCache,
     KIVIConfig,
+    NUQConfig,
+    NUQLayerCache,
+    NUQLevels,
     PreRoPELayerCache,
     QuantizerLayerCache,
+    RotatedLayerCache,
     apply_rotary,
     calibrate_quantizer,
     outlier_bounds,
@@ -51,7 +55,11 @@ from tokenizers_q.memory import shared_bits
 
 SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
 CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")
-METHODS = SCALAR + CODEBOOKS
+#: non-uniform levels (KVQuant's nuq): key bits, value bits; -pre also Fisher-weighted, keys before RoPE, the sink
+NONUNIFORM = ("nuq-3-pre", "nuq-2-pre", "nuq-k3v2-pre", "nuq-3")
+#: KIVI with a 32-token window and its values rotated per head by a Hadamard rotation (keys per channel as they are)
+ROTATED = ("kivi-2-w32", "kivi-2-w32-rotv", "kivi-k4v2-w32-rotv")
+METHODS = SCALAR + CODEBOOKS + NONUNIFORM + ROTATED
 
 
 def load_model():
@@ -78,6 +86,21 @@ def stdlib_tokens(tokenizer, skip: int, count: int, length: int) -> list[torch.T
         if len(sequences) == count:
             return sequences
     raise SystemExit("not enough standard-library text")
+
+
+def prose_tokens(tokenizer, skip: int, count: int, length: int) -> list[torch.Tensor]:
+    """``count`` sequences of ``length`` tokens of English prose (the standard library's ``pydoc_data`` topics,
+    sorted by name and joined), after ``skip`` sequences."""
+    from pydoc_data.topics import topics
+
+    ids = tokenizer("\n\n".join(topics[name] for name in sorted(topics)), return_tensors="pt").input_ids[0]
+    sequences = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][skip : skip + count]
+    if len(sequences) < count:
+        raise SystemExit("not enough pydoc_data text")
+    return sequences
+
+
+TEXTS = {"python": stdlib_tokens, "prose": prose_tokens}
 
 
 class AttentionRecorder:
@@ -150,6 +173,26 @@ def cache_factory(method: str, calibration: dict | None, model, args):
             return hf_cache([wrap(config.make_layer(), key_bounds=k, value_bounds=v) for k, v in bounds])
 
         return make, 0
+    if method in ROTATED:
+        key_bits = 4 if "k4v2" in method else 2
+        config = KIVIConfig(key_bits, 2, group_size=32, window=32, window_dtype=torch.float16)
+
+        def make_rotated():
+            inner = config.make_layer()
+            return RotatedLayerCache(inner, head_dim, rotate_keys=False) if method.endswith("-rotv") else inner
+
+        return lambda: hf_cache(num_layers, make_rotated), 0
+    if method.startswith("nuq-"):
+        bits = method.split("-")[1]
+        key_bits, value_bits = (int(bits[1]), int(bits[3])) if bits.startswith("k") else (int(bits), int(bits))
+        config = NUQConfig(key_bits, value_bits, kmeans_iters=args.kmeans_iters)
+        fitted = []
+        for i in range(num_layers):
+            keys, values, key_fisher, value_fisher = calibration_kv(calibration, i, pre_rope)
+            weights = (key_fisher, value_fisher) if pre_rope else (None, None)
+            fitted.append(NUQLevels.fit(keys, values, config, *weights))
+        shared = sum(levels.stored_bits() for levels in fitted)
+        return lambda: hf_cache([wrap(NUQLayerCache(levels)) for levels in fitted]), shared
     if method.startswith("cq-"):
         bits = int(method.split("-")[1])
         config = CQConfig(group_size=8 // bits, codebook_size=256, kmeans_iters=args.kmeans_iters)
@@ -215,15 +258,17 @@ def main() -> None:
     parser.add_argument("--kmeans-iters", type=int, default=20, help="CQ k-means iterations")
     parser.add_argument("--window", type=int, default=128, help="KV tokenizer training window (tokens)")
     parser.add_argument("--train-steps", type=int, default=200, help="KV tokenizer training steps")
+    parser.add_argument("--text", default="python", choices=TEXTS, help="held-out text: Python source or prose")
+    parser.add_argument("--calibration-text", default="python", choices=TEXTS, help="the text calibrated on")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     tokenizer, model = load_model()
     num_layers = model.config.num_hidden_layers
-    held_out = stdlib_tokens(tokenizer, skip=100, count=args.sequences, length=args.length)
+    held_out = TEXTS[args.text](tokenizer, skip=100, count=args.sequences, length=args.length)
     calibration = None
-    if any(m.startswith(("cq-", "rvq-", "kvtok-")) or m.endswith("-pre") for m in args.methods):
-        calibration_ids = stdlib_tokens(tokenizer, skip=0, count=args.calibration, length=args.length)
+    if any(m.startswith(("cq-", "rvq-", "kvtok-", "nuq-")) or m.endswith("-pre") for m in args.methods):
+        calibration_ids = TEXTS[args.calibration_text](tokenizer, skip=0, count=args.calibration, length=args.length)
         calibration = collect_attention_inputs(model, calibration_ids, fisher=True)
     recorder = AttentionRecorder(model)
 
@@ -270,8 +315,9 @@ def main() -> None:
             f"| {r['seconds']:.0f} |"
         )
     print(
-        f"\nSmolLM2-135M (float32 on the CPU), {args.sequences} held-out standard-library sequences of {args.length} "
-        f"tokens fed in chunks of {args.chunk}; fp stores float32 (32 bits), ratios are against a float16 cache; "
+        f"\nSmolLM2-135M (float32 on the CPU), {args.sequences} held-out {args.text} sequences of {args.length} "
+        f"tokens (calibrated on {args.calibration_text}) fed in chunks of {args.chunk}; fp stores float32 (32 bits), "
+        "ratios are against a float16 cache; "
         "shared codebooks (one per layer, for every sequence) are not in bits/element."
     )
 
