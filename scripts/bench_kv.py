@@ -13,7 +13,11 @@ float16 window); ``cq-b`` coupled quantization at b bits per channel; ``rvq-b``
 k-means-calibrated RVQ over head vectors; ``kvtok-b`` the KVTokenizerModule
 (Lightning, attention-output loss); ``-pre`` keys before RoPE and the first token in
 full precision (CQ then also Fisher-weighted; ``kivi-2-pre`` also keeps 1% sparse
-outliers, with a 32-token window). Columns: perplexity and its gap to the full-precision
+outliers, with a 32-token window); ``nuq-b`` / ``nuq-kKvV`` non-uniform levels (keys per channel,
+values per token, b or K/V bits); ``kivi-*-w32[-rotv]`` KIVI with a 32-token window, values rotated
+per head by a Hadamard rotation (``k4v2``: 4-bit keys, 2-bit values). ``--text prose`` evaluates on
+the standard library's pydoc_data topics instead of Python source, ``--calibration-text`` picks the
+calibration text. Columns: perplexity and its gap to the full-precision
 cache, teacher-forced greedy agreement with the full-precision predictions, mean
 and worst per-layer relative error of the attention outputs, stored bits per
 element (codes, scales, offsets, full-precision window; shared codebooks listed
