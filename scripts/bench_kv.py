@@ -31,6 +31,7 @@ import importlib.util
 import math
 import os
 import pathlib
+import re
 import sysconfig
 import time
 
@@ -61,8 +62,17 @@ SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
 CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")
 #: non-uniform levels (KVQuant's nuq): key bits, value bits; -pre also Fisher-weighted, keys before RoPE, the sink
 NONUNIFORM = ("nuq-3-pre", "nuq-2-pre", "nuq-k3v2-pre", "nuq-3")
-#: KIVI with a 32-token window and its values rotated per head by a Hadamard rotation (keys per channel as they are)
-ROTATED = ("kivi-2-w32", "kivi-2-w32-rotv", "kivi-k4v2-w32-rotv")
+#: KIVI at K-bit keys and V-bit values with a W-token window (kivi-kKvV-wW), values optionally rotated per head by a
+#: Hadamard rotation (-rotv; keys per channel as they are), keys optionally before RoPE with the sink (-pre)
+ROTATED = (
+    "kivi-k2v2-w32",
+    "kivi-k2v2-w32-rotv",
+    "kivi-k4v2-w32-rotv",
+    "kivi-k3v2-w32-rotv",
+    "kivi-k4v2-w16-rotv-pre",
+    "kivi-k3v2-w16-rotv-pre",
+    "kivi-k2v2-w16-rotv-pre",
+)
 METHODS = SCALAR + CODEBOOKS + NONUNIFORM + ROTATED
 
 
@@ -178,14 +188,14 @@ def cache_factory(method: str, calibration: dict | None, model, args):
 
         return make, 0
     if method in ROTATED:
-        key_bits = 4 if "k4v2" in method else 2
-        config = KIVIConfig(key_bits, 2, group_size=32, window=32, window_dtype=torch.float16)
+        key_bits, value_bits, window = (int(x) for x in re.match(r"kivi-k(\d)v(\d)-w(\d+)", method).groups())
+        config = KIVIConfig(key_bits, value_bits, group_size=32, window=window, window_dtype=torch.float16)
 
         def make_rotated():
             inner = config.make_layer()
-            return RotatedLayerCache(inner, head_dim, rotate_keys=False) if method.endswith("-rotv") else inner
+            return wrap(RotatedLayerCache(inner, head_dim, rotate_keys=False) if "-rotv" in method else inner)
 
-        return lambda: hf_cache(num_layers, make_rotated), 0
+        return lambda: hf_cache([make_rotated() for _ in range(num_layers)]), 0
     if method.startswith("nuq-"):
         bits = method.split("-")[1]
         key_bits, value_bits = (int(bits[1]), int(bits[3])) if bits.startswith("k") else (int(bits), int(bits))
