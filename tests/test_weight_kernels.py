@@ -77,8 +77,9 @@ def test_each_layout_matches_dequantize_then_matmul(config, layout, dtype):
     # the kernel layout holds the same weights (int4: scales rounded to bfloat16)
     tolerance = 4e-3 if layout == "int4pack" else 0.0
     assert relative(layer.dequantized(), reference) <= tolerance
-    for lead in ((3, 5), (70,)):  # few rows and many (int8: the kernel, then blocked bfloat16 products)
-        x = torch.randn(*lead, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    transposed = torch.randn(256, 6, generator=torch.Generator().manual_seed(2)).to(dtype).t()  # not contiguous
+    for lead, x in (((3, 5), None), ((70,), None), ((6,), transposed)):  # few rows and many, strided inputs
+        x = torch.randn(*lead, 256, generator=torch.Generator().manual_seed(1)).to(dtype) if x is None else x
         expected = x.float() @ layer.dequantized().T + layer.bias
         out = layer(x)
         assert out.dtype == dtype and out.shape == (*lead, 64)

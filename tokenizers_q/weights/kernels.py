@@ -111,7 +111,7 @@ def layout_linear(layout: str, x: torch.Tensor, tensors: dict[str, torch.Tensor]
     Shapes:
         - x: (*, in_features); output: (*, out_features)
     """
-    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernels read dense rows
     if layout == "int4pack":
         scales_and_zeros = tensors["scales_and_zeros"]
         group_size = x.shape[-1] // scales_and_zeros.shape[0]
