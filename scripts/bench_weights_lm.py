@@ -40,6 +40,7 @@ from tokenizers_q.weights import (
     IntGridConfig,
     NF4Config,
     RotatedConfig,
+    distill_,
     model_bits_per_weight,
     quantize_,
 )
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="calibration sequences (other files)")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    parser.add_argument("--distill-steps", type=int, default=0, help="then distil_ our methods towards fp32 (KL)")
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="distill_'s learning rate (relative)")
     args = parser.parse_args()
     torch.manual_seed(0)
     methods = list(dict.fromkeys(["fp32", *args.methods]))  # fp32 first: the reference of the ratios
@@ -202,6 +205,8 @@ def main() -> None:
                 options = dict(filter_fn=in_blocks, calibration=calibration, cache_weight=True)
                 options.update(progress=False, verbose=False)
                 quantize_(candidate, OURS[method], **options)
+                if args.distill_steps:  # the next-token distribution of the float model, on the calibration text
+                    distill_(candidate, model, calibration, args.distill_steps, args.distill_lr, "kl", progress=False)
                 bits = model_bits_per_weight(candidate)
             elif method in ANCHORS:
                 bits = anchor_bits(method, candidate)
@@ -211,7 +216,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             evaluated = time.perf_counter()
             row = {
-                "method": method,
+                "method": f"{method}+distill{args.distill_steps}" if args.distill_steps and method in OURS else method,
                 "bits": bits,
                 "ppl_python": perplexity(candidate, python),
                 "ppl_english": perplexity(candidate, english),

@@ -289,3 +289,14 @@ def test_truncated_and_foreign_files_are_refused(kind, tmp_path):
         kind.load(path)
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'missing.safetensors'}")):
         kind.load(tmp_path / "missing.safetensors")
+
+
+def test_every_tensor_read_from_a_file_is_aligned_for_the_packed_kernels(tmp_path):
+    """safetensors may hand back storage at any address; the int8 kernel crashed on such a weight (torch 2.14)."""
+    from tokenizers_q.files import TENSOR_ALIGNMENT, read_artifact, write_artifact
+
+    tensors = {"a": torch.arange(10, dtype=torch.uint8), "b": torch.arange(7, dtype=torch.int8), "c": torch.ones(3)}
+    path = write_artifact(tmp_path / "aligned.safetensors", "tokenizers_q.test", 1, {}, tensors)
+    loaded = read_artifact(path, "tokenizers_q.test", 1).tensors
+    assert all(t.data_ptr() % TENSOR_ALIGNMENT == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[n], tensors[n]) for n in tensors)

@@ -34,6 +34,7 @@ import xxhash
 HEADER_KEY = "tokenizers_q"
 HEADER_CHECKSUM_KEY = "tokenizers_q.xxh3_128"
 CHECKSUM = "xxh3_128"
+TENSOR_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives; safetensors' views into a file may start anywhere
 
 
 #: arguments stored under their earlier names, read by :func:`current_arguments`
@@ -219,8 +220,11 @@ def read_artifact(path: str | os.PathLike, format: str, versions: int | Collecti
                 raise ValueError(f"{path}: tensors missing {missing}, unexpected {unexpected}")
             tensors = {}
             for name, entry in stored.items():
-                tensors[name] = tensor = f.get_tensor(name)
-                _verify_tensor(path, name, tensor, entry)
+                tensor = f.get_tensor(name)
+                _verify_tensor(path, name, tensor, entry)  # the bytes as stored (a copy would normalise bools)
+                if tensor.data_ptr() % TENSOR_ALIGNMENT:  # packed kernels (int8pack) crash on misaligned storage
+                    tensor = tensor.clone()
+                tensors[name] = tensor
     except ValueError:
         raise
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files

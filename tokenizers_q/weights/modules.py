@@ -52,7 +52,7 @@ class QuantizedWeight(nn.Module):
         if self._cached is not None:
             return self._cached
         weight = self.config.dequantize({n: getattr(self, n) for n in self.stored}, self.shape)
-        if self.cache_weight:
+        if self.cache_weight and not self._tuned():  # a weight of tensors being tuned changes every step
             self._cached = weight
         return weight
 
