@@ -33,8 +33,9 @@ def allocate_bits(
     progress: bool = True,
 ) -> dict[str, WeightQuantConfig]:
     r"""A method per linear layer among ``configs`` so that the stored bits average at most ``budget`` per weight
-    and the summed output error (:func:`output_error` on the calibration inputs) is as small as a greedy
-    choice makes it: every layer starts at its cheapest method, then the upgrade of best error saved per extra
+    and the summed relative output error (:func:`output_error` on the calibration inputs over the layer's
+    output energy ``tr(W H W^T)``, so that layers of large and small activations compare) is as small as a
+    greedy choice makes it: every layer starts at its cheapest method, then the upgrade of best error saved per extra
     bit that still fits is taken, until none fits (sensitive layers get more bits).
 
     Every layer is quantized by every config once to measure it; pass the result as ``overrides`` to
@@ -62,12 +63,13 @@ def allocate_bits(
     costs: dict[str, list[tuple[int, float, int]]] = {}  # name -> (stored bits, output error, config index)
     for name, layer in tqdm(layers.items(), desc="allocate bits", disable=not progress):
         weight, hessian = layer.weight.detach().float(), hessians[name]
+        energy = max(output_error(torch.zeros_like(weight), weight, hessian), 1e-30)  # tr(W H W^T)
         options = []
         for index, config in enumerate(configs):
             tensors = config.quantize(weight, hessian if config.needs_hessian else None)
             restored = config.dequantize(tensors, tuple(weight.shape))
             bits = sum(8 * t.numel() * t.element_size() for t in tensors.values())
-            options.append((bits, output_error(weight, restored, hessian), index))
+            options.append((bits, output_error(weight, restored, hessian) / energy, index))
         costs[name] = sorted(options)
     total_weights = sum(layer.weight.numel() for layer in layers.values())
     allowed = budget * total_weights
