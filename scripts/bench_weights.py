@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument(
         "--distill-steps", type=int, default=0, help="then tune scales, norms and biases towards fp32 (distill_)"
     )
-    parser.add_argument("--distill-lr", type=float, default=1e-3, help="distill_'s learning rate (relative)")
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="distill_'s learning rate (relative)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
