@@ -140,32 +140,43 @@ def embed(model, batches) -> torch.Tensor:
     return torch.cat([sentence_embeddings(model, batch) for batch in batches])
 
 
-def quantize_anchor(method: str, model) -> None:
+def every_linear(module, name: str) -> bool:
+    return isinstance(module, torch.nn.Linear)
+
+
+def quantize_anchor(method: str, model, filter_fn=every_linear) -> None:
+    """Quantize the linear layers ``filter_fn(module, name)`` selects with an anchor library; raises where the
+    library leaves a selected layer unquantized (torchao skips, with only a log line, layers whose input width is
+    not a multiple of its group)."""
+    targets = [n for n, m in model.named_modules() if filter_fn(m, n)]
     if method.startswith("torchao"):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
         from torchao.quantization import quantize_ as torchao_quantize_
 
         config = Int8WeightOnlyConfig() if method == "torchao-int8" else Int4WeightOnlyConfig(group_size=128)
-        torchao_quantize_(model, config)
-    else:
-        import bitsandbytes as bnb
+        torchao_quantize_(model, config, filter_fn=filter_fn)
+        left = [n for n in targets if type(model.get_submodule(n).weight) in (torch.nn.Parameter, torch.Tensor)]
+        if left:
+            raise RuntimeError(f"torchao left {len(left)} of {len(targets)} layers unquantized, e.g. {left[0]}")
+        return
+    import bitsandbytes as bnb
 
-        for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear):
-                new = bnb.nn.Linear4bit(
-                    module.in_features, module.out_features, module.bias is not None, quant_type="nf4"
-                )
-                new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
-                new.bias = module.bias
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new.to("cpu"))
+    for name in targets:
+        module = model.get_submodule(name)
+        new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+        new.bias = module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new.to("cpu"))
+    if any(m.weight.quant_state is None for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)):
+        raise RuntimeError("bitsandbytes left weights unquantized on this device")
 
 
-def anchor_bits(method: str, model) -> float:
-    """Documented storage of an anchor per weight over the encoder's linear layers: torchao int8 weight-only
+def anchor_bits(method: str, model, filter_fn=every_linear) -> float:
+    """Documented storage of an anchor per weight over the selected linear layers: torchao int8 weight-only
     keeps a float32 scale per row, torchao int4 a bf16 scale and zero per 128, bitsandbytes NF4 (double
     quantization) an 8-bit absmax per 64 plus a float32 per 256 blocks."""
-    shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [m.weight.shape for n, m in model.named_modules() if filter_fn(m, n)]
     per_layer = {
         "torchao-int8": lambda rows, cols: 8 + 32 / cols,
         "torchao-int4-g128": lambda rows, cols: 4 + 32 / 128,

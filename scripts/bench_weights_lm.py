@@ -34,6 +34,7 @@ import time
 
 import torch
 from bench_kv import load_model  # scripts/ is on sys.path when this file runs as a script
+from bench_weights import anchor_bits, quantize_anchor
 
 from tokenizers_q.weights import (
     GaussianGridConfig,
@@ -118,44 +119,6 @@ def perplexity(model, sequences: list[torch.Tensor]) -> float:
     return math.exp(nll / tokens)
 
 
-def quantize_anchor(method: str, model) -> None:
-    """The anchors of ``scripts/bench_weights.py``, restricted to the linear layers of the blocks."""
-    if method.startswith("torchao"):
-        from torchao.quantization import Int4WeightOnlyConfig
-        from torchao.quantization import quantize_ as torchao_quantize_
-
-        targets = [n for n, m in model.named_modules() if in_blocks(m, n)]
-        torchao_quantize_(model, Int4WeightOnlyConfig(group_size=128), filter_fn=lambda m, n: in_blocks(m, n))
-        # torchao skips, with only a log line, layers whose in_features is not a multiple of the group
-        left = [n for n in targets if type(model.get_submodule(n).weight) in (torch.nn.Parameter, torch.Tensor)]
-        if left:
-            raise RuntimeError(f"torchao left {len(left)} of {len(targets)} layers unquantized, e.g. {left[0]}")
-        return
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        if in_blocks(module, name):
-            new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None, quant_type="nf4")
-            new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
-            new.bias = module.bias
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new.to("cpu"))
-    if any(m.weight.quant_state is None for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)):
-        raise RuntimeError("bitsandbytes left weights unquantized on this device")
-
-
-def anchor_bits(method: str, model) -> float:
-    """Documented storage per weight over the blocks' linear layers, as ``scripts/bench_weights.py`` counts it:
-    torchao int4 a bf16 scale and zero per 128, bitsandbytes NF4 (double quantization) an 8-bit absmax per 64
-    plus a float32 per 256 blocks."""
-    shapes = [m.weight.shape for n, m in model.named_modules() if in_blocks(m, n)]
-    per_layer = {
-        "torchao-int4-g128": lambda rows, cols: 4 + 32 / 128,
-        "bnb-nf4": lambda rows, cols: 4 + 8 / 64 + 32 / (64 * 256),
-    }[method]
-    return sum(per_layer(r, c) * r * c for r, c in shapes) / sum(r * c for r, c in shapes)
-
-
 def ratio(value: float, reference: float) -> str:
     return f"{100 * (value / reference - 1):+.1f}%"
 
@@ -209,8 +172,8 @@ def main() -> None:
                     distill_(candidate, model, calibration, args.distill_steps, args.distill_lr, "kl", progress=False)
                 bits = model_bits_per_weight(candidate)
             elif method in ANCHORS:
-                bits = anchor_bits(method, candidate)
-                quantize_anchor(method, candidate)
+                bits = anchor_bits(method, candidate, in_blocks)
+                quantize_anchor(method, candidate, in_blocks)
             else:
                 bits = 32.0
             seconds = time.perf_counter() - start
