@@ -82,6 +82,10 @@ OURS = {
         rotate_outputs=True,
     ),
     "had-gauss2-g64-gptq-ord": RotatedConfig(GaussianGridConfig(2, group_size=64, gptq=True, act_order=True)),
+    "had-gauss4-g64-gptq-ord": RotatedConfig(GaussianGridConfig(4, group_size=64, gptq=True, act_order=True)),
+    "had512-int4-g128-asym-gptq-ord-clip": RotatedConfig(
+        IntGridConfig(4, group_size=128, symmetric=False, gptq=True, act_order=True, clip_search=20), max_block=512
+    ),
     "had-kmeans-2-act-gptq-ord": RotatedConfig(KMeansConfig(2, weighting="activation", gptq=True, act_order=True)),
 }
 #: per-matrix allocation (allocate_bits) among rotated grids, at these budgets of bits per weight
