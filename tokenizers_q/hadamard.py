@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from tokenizers_q.checks import check_int
+from tokenizers_q.checks import check_float_tensor, check_int
 
 MAX_BLOCK = 256  # rotated as one matmul per block: 256 multiply-adds per element at most
 
@@ -60,8 +60,9 @@ class HadamardRotation:
         self.matrix = _sylvester(self.block)
 
     def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.width,):
-            raise ValueError(f"the rotation reads (..., {self.width}), got {tuple(getattr(x, 'shape', ()))}")
+        check_float_tensor("the rotated input", x)
+        if x.shape[-1:] != (self.width,):
+            raise ValueError(f"the rotation reads (..., {self.width}), got {tuple(x.shape)}")
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R``: signs, then a Hadamard transform of every block."""
