@@ -4,24 +4,22 @@
     python scripts/bench_kv.py                          # every method, 2 held-out sequences of 512 tokens
     python scripts/bench_kv.py --methods fp kivi-2 cq-2 --sequences 1 --length 256
 
-SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32 by transformers) reads
-held-out Python standard-library source in chunks of ``--chunk`` tokens; every
-chunk attends to the cache of all earlier tokens, so each method's compressed
-past shapes every prediction. Calibration (CQ, learned codebooks) uses other
-standard-library files. Methods: ``int8``/``kivi-*`` integer grids (KIVI, 128-token
-float16 window); ``cq-b`` coupled quantization at b bits per channel; ``rvq-b``
-k-means-calibrated RVQ over head vectors; ``kvtok-b`` the KVTokenizerModule
-(Lightning, attention-output loss); ``-pre`` keys before RoPE and the first token in
-full precision (CQ then also Fisher-weighted; ``kivi-2-pre`` also keeps 1% sparse
-outliers, with a 32-token window); ``nuq-b`` / ``nuq-kKvV`` non-uniform levels (keys per channel,
-values per token, b or K/V bits); ``kivi-*-w32[-rotv]`` KIVI with a 32-token window, values rotated
-per head by a Hadamard rotation (``k4v2``: 4-bit keys, 2-bit values). ``--text prose`` evaluates on
-the standard library's pydoc_data topics instead of Python source, ``--calibration-text`` picks the
-calibration text. Columns: perplexity and its gap to the full-precision
-cache, teacher-forced greedy agreement with the full-precision predictions, mean
-and worst per-layer relative error of the attention outputs, stored bits per
-element (codes, scales, offsets, full-precision window; shared codebooks listed
-separately) and the compression ratio against a float16 cache.
+SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32 by transformers) reads held-out Python
+standard-library source in chunks of ``--chunk`` tokens; every chunk attends to the cache of all earlier
+tokens, so each method's compressed past shapes every prediction. Calibration (CQ, learned codebooks) uses
+other standard-library files. Methods: ``int8``/``kivi-*`` integer grids (KIVI, 128-token float16 window);
+``cq-b`` coupled quantization at b bits per channel; ``rvq-b`` k-means-calibrated RVQ over head vectors;
+``kvtok-b`` the KVTokenizerModule (Lightning, attention-output loss); ``kvkl-b`` the same codecs trained by
+KVDistillationModule on the model's next-token distribution (KL to fp, ``--kl-steps`` on the calibration
+sequences); ``-pre`` keys before RoPE and the first token in full precision (CQ then also Fisher-weighted;
+``kivi-2-pre`` also keeps 1% sparse outliers, with a 32-token window); ``nuq-b`` / ``nuq-kKvV`` non-uniform
+levels (keys per channel, values per token, b or K/V bits); ``kivi-*-w32[-rotv]`` KIVI with a 32-token
+window, values rotated per head by a Hadamard rotation (``k4v2``: 4-bit keys, 2-bit values). ``--text
+prose`` evaluates on the standard library's pydoc_data topics instead of Python source,
+``--calibration-text`` picks the calibration text. Columns: perplexity and its gap to the full-precision
+cache, teacher-forced greedy agreement with the full-precision predictions, mean and worst per-layer
+relative error of the attention outputs, stored bits per element (codes, scales, offsets, full-precision
+window; shared codebooks listed separately) and the compression ratio against a float16 cache.
 """
 
 from __future__ import annotations
@@ -60,6 +58,8 @@ from tokenizers_q.memory import shared_bits
 
 SCALAR = ("fp", "int8", "kivi-4", "kivi-2", "kivi-2-pre")
 CODEBOOKS = ("cq-2", "cq-1", "cq-2-pre", "cq-1-pre", "rvq-2-pre", "rvq-1-pre", "kvtok-2", "kvtok-1")
+#: KV tokenizers (RVQ, keys before RoPE, the sink) trained on the next-token distribution (KL to fp), b bits
+DISTILLED = ("kvkl-3", "kvkl-2", "kvkl-1")
 #: non-uniform levels (KVQuant's nuq): key bits, value bits; -pre also Fisher-weighted, keys before RoPE, the sink
 NONUNIFORM = ("nuq-3-pre", "nuq-2-pre", "nuq-k3v2-pre", "nuq-3")
 #: KIVI at K-bit keys and V-bit values with a W-token window (kivi-kKvV-wW), values optionally rotated per head by a
@@ -73,7 +73,7 @@ ROTATED = (
     "kivi-k3v2-w16-rotv-pre",
     "kivi-k2v2-w16-rotv-pre",
 )
-METHODS = SCALAR + CODEBOOKS + NONUNIFORM + ROTATED
+METHODS = SCALAR + CODEBOOKS + DISTILLED + NONUNIFORM + ROTATED
 
 
 def load_model():
@@ -132,6 +132,10 @@ class AttentionRecorder:
 
         return keep
 
+    def clear(self) -> None:
+        """Forget what earlier forward passes (e.g. training) left."""
+        self.outputs = {}
+
     def take(self) -> list[torch.Tensor]:
         out = [torch.cat(self.outputs[i], 1) for i in sorted(self.outputs)]
         self.outputs = {}
@@ -142,6 +146,7 @@ class AttentionRecorder:
 def run_sequence(model, ids: torch.Tensor, cache, chunk: int, recorder: AttentionRecorder):
     """Logits of every position, feeding ``ids`` in chunks through ``cache``; attention outputs per layer."""
     logits = []
+    recorder.clear()
     for start in range(0, len(ids), chunk):
         piece = ids[start : start + chunk].unsqueeze(0)
         out = model(piece, past_key_values=cache, use_cache=True)
@@ -159,7 +164,7 @@ def calibration_kv(calibration: dict, layer: int, pre_rope: bool) -> tuple[torch
     return keys[:, :, 1:], values[:, :, 1:], *fisher
 
 
-def cache_factory(method: str, calibration: dict | None, model, args):
+def cache_factory(method: str, calibration: dict | None, model, args, calibration_ids: list | None = None):
     """A function making a fresh cache of ``method``, and the bits of its shared codebooks (in their stored dtype)."""
     num_layers, head_dim = model.config.num_hidden_layers, model.config.head_dim
     scalar = {
@@ -228,38 +233,53 @@ def cache_factory(method: str, calibration: dict | None, model, args):
         ]
         shared = sum(shared_bits(q) for pair in quantizers for q in pair)
         return lambda: hf_cache([wrap(QuantizerLayerCache(*q)) for q in quantizers]), shared
-    if method.startswith("kvtok-"):
-        tokenizer = train_kv_tokenizer(calibration, model, int(method.split("-")[1]), args)
+    if method.startswith(("kvtok-", "kvkl-")):
+        bits = int(method.split("-")[1])
+        tokenizer = train_kv_tokenizer(
+            calibration, model, bits, args, calibration_ids if method.startswith("kvkl-") else None
+        )
         shared = shared_bits(tokenizer)
         return lambda: hf_cache(tokenizer.layer_caches(hf_rotary(model), sink_tokens=1)), shared
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def train_kv_tokenizer(calibration: dict, model, bits: int, args):
-    """A KV tokenizer (RVQ codecs, keys before RoPE) trained with the attention-output loss on the calibration."""
+def train_kv_tokenizer(calibration: dict, model, bits: int, args, kl_ids: list | None = None):
+    """A KV tokenizer (RVQ codecs, keys before RoPE) k-means-calibrated, then trained with the attention-output
+    loss on the calibration activations, or with ``kl_ids`` on the model's next-token distribution over them."""
     import lightning as L
 
-    from tokenizers_q.trainers import KVActivationDataModule, KVTokenizerModule
+    from tokenizers_q.trainers import (
+        KVActivationDataModule,
+        KVDistillationModule,
+        KVTokenizerModule,
+        TokenSequenceDataModule,
+    )
 
     levels = model.config.head_dim * bits // 8
-    data = KVActivationDataModule(calibration, window=args.window, val_sequences=1, batch_size=4)
-    module = KVTokenizerModule(
+    tokenizer = KVTokenizerModule(
         num_layers=model.config.num_hidden_layers,
         head_dim=model.config.head_dim,
         quantizer_kwargs={"num_quantizers": levels, "codebook_size": 256},
     )
+    tokenizer.calibrate(calibration, passes=1)
+    if kl_ids is None:
+        name, module, steps = f"kvtok-{bits}", tokenizer, args.train_steps
+        data = KVActivationDataModule(calibration, window=args.window, val_sequences=1, batch_size=4)
+    else:
+        name, steps = f"kvkl-{bits}", args.kl_steps
+        module = KVDistillationModule(tokenizer, model, sink_tokens=1, lr=args.kl_lr)
+        data = TokenSequenceDataModule(kl_ids, val_sequences=1, batch_size=1)
     trainer = L.Trainer(
-        max_steps=args.train_steps,
-        logger=L.pytorch.loggers.CSVLogger("runs/bench_kv", name=f"kvtok-{bits}"),
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger("runs/bench_kv", name=name),
         enable_checkpointing=False,
-        val_check_interval=min(50, args.train_steps),
+        val_check_interval=min(50, steps),
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
     )
-    module.calibrate(calibration, passes=1)
     trainer.fit(module, data)
-    print({"kvtok": bits, **{k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()}}, flush=True)
-    return module.eval()
+    print({name: bits, **{k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()}}, flush=True)
+    return tokenizer.eval()
 
 
 def main() -> None:
@@ -272,6 +292,8 @@ def main() -> None:
     parser.add_argument("--kmeans-iters", type=int, default=20, help="CQ k-means iterations")
     parser.add_argument("--window", type=int, default=128, help="KV tokenizer training window (tokens)")
     parser.add_argument("--train-steps", type=int, default=200, help="KV tokenizer training steps")
+    parser.add_argument("--kl-steps", type=int, default=300, help="kvkl: next-token (KL) training steps")
+    parser.add_argument("--kl-lr", type=float, default=1e-3, help="kvkl: learning rate")
     parser.add_argument("--text", default="python", choices=TEXTS, help="held-out text: Python source or prose")
     parser.add_argument("--calibration-text", default="python", choices=TEXTS, help="the text calibrated on")
     args = parser.parse_args()
@@ -281,7 +303,8 @@ def main() -> None:
     num_layers = model.config.num_hidden_layers
     held_out = TEXTS[args.text](tokenizer, skip=100, count=args.sequences, length=args.length)
     calibration = None
-    if any(m.startswith(("cq-", "rvq-", "kvtok-", "nuq-")) or m.endswith("-pre") for m in args.methods):
+    calibration_ids = None
+    if any(m.startswith(("cq-", "rvq-", "kvtok-", "kvkl-", "nuq-")) or m.endswith("-pre") for m in args.methods):
         calibration_ids = TEXTS[args.calibration_text](tokenizer, skip=0, count=args.calibration, length=args.length)
         calibration = collect_attention_inputs(model, calibration_ids, fisher=True)
     recorder = AttentionRecorder(model)
@@ -290,7 +313,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         start = time.perf_counter()
-        make, shared = cache_factory(method, calibration, model, args)
+        make, shared = cache_factory(method, calibration, model, args, calibration_ids)
         nll, agree, tokens, errors, bits = 0.0, 0, 0, [], []
         for ids, (ref_logits, ref_attention) in zip(held_out, reference):
             cache = make()

@@ -27,7 +27,8 @@ from tokenizers_q.trainers.callbacks import (
     SampleGrid,
 )
 from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
-from tokenizers_q.trainers.kv_data import KVActivationDataModule
+from tokenizers_q.trainers.kv_data import KVActivationDataModule, TokenSequenceDataModule
+from tokenizers_q.trainers.kv_distillation import KVDistillationModule
 from tokenizers_q.trainers.kv_tokenizer import KVTokenizerModule
 from tokenizers_q.trainers.maskgit import MaskedTokenModule
 from tokenizers_q.trainers.module import TrainingModule
@@ -59,12 +60,14 @@ __all__ = [
     "ExportOnFitEnd",
     "ImageDataModule",
     "KVActivationDataModule",
+    "KVDistillationModule",
     "KVTokenizerModule",
     "MaskedTokenModule",
     "ReconstructionGrid",
     "ResumableLoader",
     "SampleGrid",
     "TokenDataModule",
+    "TokenSequenceDataModule",
     "TrainingModule",
     "collect_attention_inputs",
     "load_graph_tokenizer",

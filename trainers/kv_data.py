@@ -1,8 +1,9 @@
-"""Attention activations of a causal LM (queries, keys, values before RoPE) for training KV tokenizers.
+"""Data for training KV tokenizers: attention activations of a causal LM, or the token sequences it reads.
 
 :func:`~tokenizers_q.kv.attention_inputs.collect_attention_inputs` (in the core, without Lightning) records
 what each attention layer of a ``transformers`` decoder projects; :class:`KVActivationDataModule` serves
-windows of it.
+windows of it (for the attention-output loss). :class:`TokenSequenceDataModule` serves token sequences (for
+the next-token loss, which runs the model itself).
 """
 
 from __future__ import annotations
@@ -99,3 +100,63 @@ class KVActivationDataModule(SplitDataModule):
         if self.val_sequences:
             val = list(range(total - self.val_sequences, total))
             self.splits["val"] = AttentionWindows(self.data, val, self.window)
+
+
+class TokenSequences(Dataset):
+    """Token sequences of one length, one per item: ``{"input_ids": (T,) int64}``."""
+
+    def __init__(self, sequences: torch.Tensor):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.sequences[index]}
+
+
+class TokenSequenceDataModule(SplitDataModule):
+    r"""Token sequences of a causal LM's vocabulary (e.g. for :class:`~tokenizers_q.trainers.KVDistillationModule`);
+    the last ``val_sequences`` validate.
+
+    Args:
+        sequences: a tensor (N, T) of token ids, or a list of N tensors (T,) of one length.
+        val_sequences: sequences held out for validation. Default: 1.
+        batch_size, num_workers, seed: loading. Defaults: 1, 0, 0.
+
+    Shapes:
+        - batch: input_ids (B, T) int64
+    """
+
+    item_name = "sequences"
+
+    def __init__(
+        self,
+        sequences: torch.Tensor | list[torch.Tensor],
+        val_sequences: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if isinstance(sequences, (list, tuple)):
+            if not sequences or any(
+                not isinstance(s, torch.Tensor) or s.shape != sequences[0].shape for s in sequences
+            ):
+                raise ValueError("sequences must be a non-empty list of token tensors (T,) of one length")
+            sequences = torch.stack(list(sequences))
+        if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.is_floating_point():
+            got = tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__
+            raise ValueError(f"sequences must be integer token ids (N, T), got {got}")
+        check_int("val_sequences", val_sequences, 0, sequences.shape[0] - 1)
+        self.sequences, self.val_sequences = sequences.long(), val_sequences
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.splits = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train = len(self.sequences) - self.val_sequences
+        self.splits = {"train": TokenSequences(self.sequences[:train])}
+        if self.val_sequences:
+            self.splits["val"] = TokenSequences(self.sequences[train:])

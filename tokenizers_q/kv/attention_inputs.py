@@ -20,6 +20,27 @@ FORMAT = "tokenizers_q.attention_inputs"  # the artifact collect_attention_input
 VERSION = 1
 
 
+def attention_layers(model) -> list:
+    """The decoder layers of a ``transformers`` causal LM, each with a ``self_attn`` projecting through ``q_proj``,
+    ``k_proj`` and ``v_proj`` (Llama, Mistral, Qwen, SmolLM, ...)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    projections = ("q_proj", "k_proj", "v_proj")
+    if layers is None or not all(
+        all(hasattr(getattr(layer, "self_attn", None), p) for p in projections) for layer in layers
+    ):
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layers whose self_attn has q_proj, k_proj, v_proj "
+            "(model.model.layers)"
+        )
+    return list(layers)
+
+
+def model_head_dim(model) -> int:
+    """The attention head size of a ``transformers`` model (its config's ``head_dim``, else hidden / heads)."""
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def collect_attention_inputs(
     model, sequences: list[torch.Tensor], path: str | Path | None = None, fisher: bool = False
 ) -> dict:
@@ -38,10 +59,8 @@ def collect_attention_inputs(
     """
     if not sequences or any(s.dim() != 1 or len(s) != len(sequences[0]) for s in sequences):
         raise ValueError(f"expected token sequences (T,) of one length, got {[tuple(s.shape) for s in sequences]}")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(f"{type(model).__name__} has no decoder layers with self_attn (model.model.layers)")
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    layers = attention_layers(model)
+    head_dim = model_head_dim(model)
     names = ACTIVATIONS + (("key_fisher", "value_fisher") if fisher else ())
     recorded: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in layers] for name in names}
 
