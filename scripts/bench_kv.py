@@ -11,15 +11,15 @@ other standard-library files. Methods: ``int8``/``kivi-*`` integer grids (KIVI, 
 ``cq-b`` coupled quantization at b bits per channel; ``rvq-b`` k-means-calibrated RVQ over head vectors;
 ``kvtok-b`` the KVTokenizerModule (Lightning, attention-output loss); ``kvkl-b`` the same codecs trained by
 KVDistillationModule on the model's next-token distribution (KL to fp, ``--kl-steps`` on the calibration
-sequences); ``-pre`` keys before RoPE and the first token in full precision (CQ then also Fisher-weighted;
-``kivi-2-pre`` also keeps 1% sparse outliers, with a 32-token window); ``nuq-b`` / ``nuq-kKvV`` non-uniform
-levels (keys per channel, values per token, b or K/V bits); ``kivi-*-w32[-rotv]`` KIVI with a 32-token
-window, values rotated per head by a Hadamard rotation (``k4v2``: 4-bit keys, 2-bit values). ``--text
-prose`` evaluates on the standard library's pydoc_data topics instead of Python source,
-``--calibration-text`` picks the calibration text. Columns: perplexity and its gap to the full-precision
-cache, teacher-forced greedy agreement with the full-precision predictions, mean and worst per-layer
-relative error of the attention outputs, stored bits per element (codes, scales, offsets, full-precision
-window; shared codebooks listed separately) and the compression ratio against a float16 cache.
+sequences cut into ``--kl-length`` pieces, the last two validating); ``-pre`` keys before RoPE and the first
+token in full precision (CQ then also Fisher-weighted; ``kivi-2-pre`` also keeps 1% sparse outliers, with a
+32-token window); ``nuq-b`` / ``nuq-kKvV`` non-uniform levels (keys per channel, values per token, b or K/V
+bits); ``kivi-*-w32[-rotv]`` KIVI with a 32-token window, values rotated per head by a Hadamard rotation
+(``k4v2``: 4-bit keys, 2-bit values). ``--text prose`` evaluates on the standard library's pydoc_data topics
+instead of Python source, ``--calibration-text`` picks the calibration text. Columns: perplexity and its gap
+to the full-precision cache, teacher-forced greedy agreement with the full-precision predictions, mean and
+worst per-layer relative error of the attention outputs, stored bits per element (codes, scales, offsets,
+full-precision window; shared codebooks listed separately) and the compression ratio against a float16 cache.
 """
 
 from __future__ import annotations
@@ -267,8 +267,11 @@ def train_kv_tokenizer(calibration: dict, model, bits: int, args, kl_ids: list |
         data = KVActivationDataModule(calibration, window=args.window, val_sequences=1, batch_size=4)
     else:
         name, steps = f"kvkl-{bits}", args.kl_steps
-        module = KVDistillationModule(tokenizer, model, sink_tokens=1, lr=args.kl_lr)
-        data = TokenSequenceDataModule(kl_ids, val_sequences=1, batch_size=1)
+        module = KVDistillationModule(
+            tokenizer, model, sink_tokens=1, quantizer_weight=args.kl_quantizer_weight, lr=args.kl_lr
+        )
+        pieces = torch.cat([ids[: len(ids) // args.kl_length * args.kl_length] for ids in kl_ids])
+        data = TokenSequenceDataModule(pieces.view(-1, args.kl_length), val_sequences=2, batch_size=1)
     trainer = L.Trainer(
         max_steps=steps,
         logger=L.pytorch.loggers.CSVLogger("runs/bench_kv", name=name),
@@ -294,6 +297,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=200, help="KV tokenizer training steps")
     parser.add_argument("--kl-steps", type=int, default=300, help="kvkl: next-token (KL) training steps")
     parser.add_argument("--kl-lr", type=float, default=1e-3, help="kvkl: learning rate")
+    parser.add_argument("--kl-length", type=int, default=256, help="kvkl: tokens per training sequence")
+    parser.add_argument("--kl-quantizer-weight", type=float, default=0.1, help="kvkl: weight of the codec losses")
     parser.add_argument("--text", default="python", choices=TEXTS, help="held-out text: Python source or prose")
     parser.add_argument("--calibration-text", default="python", choices=TEXTS, help="the text calibrated on")
     args = parser.parse_args()

@@ -12,7 +12,9 @@ Columns: the bytes of every tensor the cache holds at the end (measured: ``held_
 object; codebooks shared by every sequence left out and listed), what the cache counts (``stored_bits``),
 both against a float16 cache of the same tokens, decode tokens/s (one over the median step) and their
 ratio to transformers' ``DynamicCache`` (which holds the model's float32), and the prompt perplexity.
-Library caches attend from their codes (``use_code_attention``); transformers' ``QuantizedCache`` (quanto
+``kivi-kKvV-wW-rotv``: K-bit keys, V-bit values, a W-token window, values rotated per head by a Hadamard
+rotation; ``nuq-3``: non-uniform 3-bit levels fitted to calibration keys and values. Library caches attend
+from their codes (``use_code_attention``); transformers' ``QuantizedCache`` (quanto
 backend, keys per channel, values per token, groups of 64, a 128-token float window) dequantizes its past
 at every step.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import time
 
@@ -32,7 +35,11 @@ from tokenizers_q.kv import (
     CQConfig,
     CQLayerCache,
     KIVIConfig,
+    NUQConfig,
+    NUQLayerCache,
+    NUQLevels,
     QuantizerLayerCache,
+    RotatedLayerCache,
     apply_rotary,
     calibrate_quantizer,
 )
@@ -40,12 +47,24 @@ from tokenizers_q.kv.attention_inputs import collect_attention_inputs
 from tokenizers_q.kv.hf import hf_cache, use_code_attention
 from tokenizers_q.memory import held_bytes
 
-METHODS = ("dynamic", "quanto-4", "quanto-2", "kivi-4", "kivi-2", "kivi-2-w32", "cq-2", "rvq-2")
+METHODS = (
+    "dynamic",
+    "quanto-4",
+    "quanto-2",
+    "kivi-4",
+    "kivi-2",
+    "kivi-2-w32",
+    "kivi-k4v2-w32-rotv",
+    "kivi-k2v2-w32-rotv",
+    "nuq-3",
+    "cq-2",
+    "rvq-2",
+)
 
 
 def calibrated(calibration: dict, num_layers: int, head_dim: int, methods: list[str]) -> dict:
-    """Per layer: CQ codebooks and RVQ quantizers fitted to post-RoPE calibration keys and values."""
-    made = {"cq-2": [], "rvq-2": []}
+    """Per layer: CQ codebooks, RVQ quantizers and NUQ levels fitted to post-RoPE calibration keys and values."""
+    made = {"cq-2": [], "rvq-2": [], "nuq-3": []}
     for layer in range(num_layers):
         keys = apply_rotary(calibration["keys"][:, layer].float(), calibration["cos"], calibration["sin"])
         values = calibration["values"][:, layer].float()
@@ -57,6 +76,8 @@ def calibrated(calibration: dict, num_layers: int, head_dim: int, methods: list[
             rvq = {"num_quantizers": head_dim // 4, "codebook_size": 256}
             pair = [calibrate_quantizer("rvq", x.reshape(-1, head_dim), passes=2, **rvq) for x in (keys, values)]
             made["rvq-2"].append(pair)
+        if "nuq-3" in methods:
+            made["nuq-3"].append(NUQLevels.fit(keys, values, NUQConfig(3, 3, kmeans_iters=10)))
     return made
 
 
@@ -71,11 +92,20 @@ def make_cache(method: str, model, shared: dict):
         bits = int(method.split("-")[1])
         cache = QuantizedCache("quanto", model.config, nbits=bits, q_group_size=64, residual_length=128)
         return cache, []
+    if method.startswith("kivi-k"):  # kivi-k<key bits>v<value bits>-w<window>-rotv: values rotated per head
+        key_bits, value_bits, window = (int(x) for x in re.match(r"kivi-k(\d)v(\d)-w(\d+)", method).groups())
+        config = KIVIConfig(key_bits, value_bits, group_size=32, window=window, window_dtype=torch.float16)
+        head_dim = model.config.head_dim
+        rotated = [RotatedLayerCache(config.make_layer(), head_dim, rotate_keys=False) for _ in range(layers)]
+        return hf_cache(rotated, attend_from_codes=True), []
     if method.startswith("kivi-"):  # kivi-<bits>[-w<float16 window>]
         bits, *window = method.split("-")[1:]
         window = int(window[0][1:]) if window else 128
-        config = KIVIConfig(int(bits), int(bits), group_size=32, residual=window, window_dtype=torch.float16)
+        config = KIVIConfig(int(bits), int(bits), group_size=32, window=window, window_dtype=torch.float16)
         return hf_cache(layers, config.make_layer, attend_from_codes=True), []
+    if method == "nuq-3":
+        levels = shared["nuq-3"]
+        return hf_cache([NUQLayerCache(x) for x in levels], attend_from_codes=True), levels
     if method == "cq-2":
         books = shared["cq-2"]
         return hf_cache([CQLayerCache(b) for b in books], attend_from_codes=True), books
@@ -123,7 +153,7 @@ def main() -> None:
     config = model.config
     heads, head_dim, layers = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
     shared = {}
-    if {"cq-2", "rvq-2"} & set(args.methods):
+    if {"cq-2", "rvq-2", "nuq-3"} & set(args.methods):
         calibration = collect_attention_inputs(model, stdlib_tokens(tokenizer, 0, args.calibration, 512))
         shared = calibrated(calibration, layers, head_dim, args.methods)
     print(f"SmolLM2-135M, float32 on the CPU, {args.threads} thread(s), {args.new_tokens} decoded tokens\n")

@@ -33,10 +33,12 @@ from torch import nn
 
 from tokenizers_q.memory import held_bytes
 from tokenizers_q.weights import (
+    GaussianGridConfig,
     IntGridConfig,
     KMeansConfig,
     NF4Config,
     QuantizedLinear,
+    RotatedConfig,
     TernaryConfig,
     VectorCodebookConfig,
     model_bits_per_weight,
@@ -53,6 +55,10 @@ METHODS = {
     "kmeans-3": KMeansConfig(3, kmeans_iters=10),
     "ternary": TernaryConfig(),
     "vector-2": VectorCodebookConfig(group_size=4, codebook_size=256, kmeans_iters=5),
+    # incoherence processing (bench_weights_lm's quality rows): inputs rotated per forward by a Hadamard rotation
+    "had-int4-g128-asym": RotatedConfig(IntGridConfig(4, group_size=128, symmetric=False)),
+    "had2-gauss4-g64": RotatedConfig(GaussianGridConfig(4, group_size=64), rotate_outputs=True),
+    "had2-gauss3-g64": RotatedConfig(GaussianGridConfig(3, group_size=64), rotate_outputs=True),
 }
 
 
@@ -153,6 +159,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def smollm2_groups(config):
+    """``config`` with groups of 128 made 64 (SmolLM2's widths 576 and 1536 take the int4 kernel at g64)."""
+    if isinstance(config, RotatedConfig):
+        return dataclasses.replace(config, inner=smollm2_groups(config.inner))
+    if getattr(config, "group_size", 0) == 128 and getattr(config, "granularity", "group") == "group":
+        return dataclasses.replace(config, group_size=64)
+    return config
+
+
 def model_rows(kind: str, methods: list[str], repeats: int, with_anchors: bool) -> None:
     """The table for a real model: speed (higher is better) against fp32, held bytes."""
     build, measure, unit = minilm() if kind == "minilm" else smollm2()
@@ -169,9 +184,7 @@ def model_rows(kind: str, methods: list[str], repeats: int, with_anchors: bool) 
 
     line("fp32", 32.0, base, reference)
     for name in methods:
-        config = METHODS[name]
-        if kind == "smollm2" and getattr(config, "group_size", 0) == 128 and config.granularity == "group":
-            config = dataclasses.replace(config, group_size=64)
+        config = smollm2_groups(METHODS[name]) if kind == "smollm2" else METHODS[name]
         model = build().eval()
         untied = untied_linear(getattr(model, "lm_head", None))
         quantize_(model, config, filter_fn=untied, progress=False, verbose=False)

@@ -8,9 +8,11 @@ from torch import nn
 
 from tokenizers_q.memory import held_bytes
 from tokenizers_q.weights import (
+    GaussianGridConfig,
     IntGridConfig,
     KMeansConfig,
     NF4Config,
+    RotatedConfig,
     TernaryConfig,
     VectorCodebookConfig,
     quantize_,
@@ -36,6 +38,12 @@ CONFIGS = [
     *(pytest.param(IntGridConfig(4, group_size=g), "int4pack", marks=needs_int4) for g in INT4_GROUP_SIZES),
     pytest.param(IntGridConfig(4, group_size=128, symmetric=False), "int4pack", marks=needs_int4),
     (IntGridConfig(8, granularity="channel"), "int8pack"),
+    # rotated grids: the inner grid's kernel on rotated inputs (and outputs rotated back)
+    pytest.param(RotatedConfig(IntGridConfig(4, group_size=64, symmetric=False)), "int4pack", marks=needs_int4),
+    pytest.param(RotatedConfig(IntGridConfig(4, group_size=128), rotate_outputs=True), "int4pack", marks=needs_int4),
+    (RotatedConfig(IntGridConfig(8, granularity="channel")), "int8pack"),
+    (RotatedConfig(NF4Config(64)), None),
+    (RotatedConfig(GaussianGridConfig(3, group_size=64), rotate_outputs=True), None),
     (IntGridConfig(8, granularity="channel", symmetric=False), None),
     (IntGridConfig(3, group_size=128), None),
     (IntGridConfig(2, granularity="tensor"), None),

@@ -62,6 +62,12 @@ class WeightQuantConfig:
         """
         return (self.dequantize(tensors, shape).to(x.dtype) * x).sum(-1)
 
+    def linear_parts(self, shape: tuple[int, int]) -> tuple:
+        """``(before, config, after)``: ``x W^T = after(before(x) V^T)``, ``V`` the weight ``config`` stores
+        (``before``/``after`` None: nothing to apply). Linear layers multiply by ``V`` (on a kernel where
+        ``config`` has one); a rotated method stores ``V = W R`` and rotates the inputs instead of ``W``."""
+        return None, self, None
+
     def dequantize_rows(
         self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], start: int, stop: int
     ) -> torch.Tensor:

@@ -74,6 +74,11 @@ class RotatedConfig(WeightQuantConfig):
         product = self.inner.vector_product(tensors, shape, self.rotation(shape[1]).rotate(x))
         return self.rotation(shape[0], outputs=True).unrotate(product) if self.rotate_outputs else product
 
+    def linear_parts(self, shape):
+        """Rotate the inputs (and the outputs back), multiply by the inner method's ``W R`` (``R_out^T W R``)."""
+        after = self.rotation(shape[0], outputs=True).unrotate if self.rotate_outputs else None
+        return self.rotation(shape[1]).rotate, self.inner, after
+
     def row_tensors(self):
         return self.inner.row_tensors()
 
