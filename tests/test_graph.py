@@ -1,5 +1,9 @@
 """Graph tokenizer (GQT stage 1), node tokens with PPR neighbourhoods, graph transformer (stage 2)."""
 
+import csv
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -146,6 +150,26 @@ def test_graph_data_module_keeps_a_users_masks(tmp_path):
     assert torch.equal(in_memory.data.x, graph.x) and in_memory.hparams.graph == "<in-memory Data>"
     with pytest.raises(ValueError, match="checkpoints do not keep: give graph="):
         GraphDataModule(**{k: v for k, v in in_memory.hparams.items()}).setup()
+
+
+def test_a_split_that_leaves_out_classes_warns_naming_them(tmp_path):
+    graph = contextual_sbm(num_nodes=40, num_classes=4, seed=0)
+    graph.y = torch.arange(40) // 10  # nodes ordered by class, masks cut along that order
+    graph.train_mask, graph.val_mask = torch.arange(40) < 20, (torch.arange(40) >= 20) & (torch.arange(40) < 30)
+    graph.test_mask = torch.arange(40) >= 30
+    torch.save(graph, tmp_path / "sorted.pt")
+    with pytest.warns(UserWarning) as record:
+        GraphDataModule(graph=str(tmp_path / "sorted.pt")).setup()
+    messages = [str(w.message) for w in record]
+    assert any(re.search(r"train nodes of .*sorted.pt hold no node of classes \[2, 3\] \(of 4", m) for m in messages)
+    assert any("val nodes" in m and "[0, 1, 3]" in m for m in messages)
+    assert any("test nodes" in m and "[0, 1, 2]" in m for m in messages)
+    graph.train_mask = torch.arange(40) % 2 == 0  # every class in every split: no warning
+    graph.val_mask, graph.test_mask = torch.arange(40) % 4 == 1, torch.arange(40) % 4 == 3
+    torch.save(graph, tmp_path / "mixed.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GraphDataModule(graph=str(tmp_path / "mixed.pt")).setup()
 
 
 class _Evil:
@@ -485,3 +509,34 @@ def test_graph_transformer_checkpoints_saved_with_heads_still_load(tmp_path):
     assert restored.hparams.num_heads == 4 and restored.model.blocks.layers[0].self_attn.num_heads == 4
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_the_shipped_transformer_config_keeps_the_last_epoch_beside_the_best_and_resumes_from_it(tmp_path):
+    """lr 0: validation accuracy never improves after the first epoch, so the best epoch is the first one; a run
+    "killed" after 4 epochs must still leave its 4th epoch in last.ckpt, and a resumed run continue from there."""
+    from tokenizers_q.trainers.cli import main as tokq
+
+    data = GraphDataModule(num_nodes=80, num_features=4)
+    data.setup()
+    tokenizer = GraphTokenizerModule(in_dim=4, hidden_dim=8, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    tokens = write_node_tokens(tokenizer, data.data, tmp_path / "nodes.safetensors", ppr_k=3)
+    options = [*_quiet(tmp_path), f"--data.init_args.tokens={tokens}", "--model.init_args.dim=16"]
+    options += ["--model.init_args.depth=1", "--model.init_args.lr=0", "--data.init_args.batch_size=16"]
+    folder = tmp_path / "graph-transformer" / "version_0" / "checkpoints"
+
+    tokq(["fit", "--config", "configs/graph/transformer.yaml", *options, "--trainer.max_epochs=4"])
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    best = torch.load(folder / "best.ckpt", weights_only=True)
+    assert last["epoch"] == 3 and best["epoch"] == 0  # the last epoch, and the best one under its own name
+    steps_per_epoch = last["global_step"] // 4
+    assert steps_per_epoch > 0
+
+    tokq(
+        ["fit", "--config", "configs/graph/transformer.yaml", *options, "--trainer.max_epochs=6"]
+        + [f"--ckpt_path={folder / 'last.ckpt'}"]
+    )
+    resumed = torch.load(tmp_path / "graph-transformer" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 5 and resumed["global_step"] == 6 * steps_per_epoch  # two more epochs, not six
+    with open(tmp_path / "graph-transformer" / "version_1" / "metrics.csv") as f:
+        epochs = {int(float(row["epoch"])) for row in csv.DictReader(f) if row["epoch"]}
+    assert min(epochs) == 4, epochs  # it continued after the 4th epoch, not from the best

@@ -144,6 +144,28 @@ def split_masks(num_nodes: int, val_fraction: float, test_fraction: float, seed:
     return masks
 
 
+def check_split_classes(labels: torch.Tensor, masks: dict[str, torch.Tensor], source: str = "the graph") -> None:
+    """Warn, naming the classes, when the training nodes lack a class of ``labels`` or the validation or
+    test nodes have none of one (its accuracy there is then unmeasured, or never learned); negative labels
+    are unlabelled nodes.
+
+    Shapes:
+        - labels: (N,) int64; masks: {split: (N,) bool}
+    """
+    classes = torch.unique(labels[labels >= 0]).tolist()  # negative: unlabelled
+    for split, mask in masks.items():
+        present = set(torch.unique(labels[mask.bool()]).tolist())
+        missing = [c for c in classes if c not in present]
+        if missing:
+            warnings.warn(
+                f"the {split} nodes of {source} hold no node of classes {missing} (of {len(classes)} classes): "
+                + ("the model never sees them in training" if split == "train" else f"{split} accuracy omits them")
+                + "; give train/val/test masks of your own, or another split seed",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
 def _check_graph_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise a ValueError naming ``source`` and the tensor unless ``tensors`` make a graph of
     :data:`GRAPH_TENSORS`."""
@@ -339,6 +361,8 @@ class GraphDataModule(L.LightningDataModule):
             )
             for split, mask in masks.items():
                 data[f"{split}_mask"] = mask
+        if data.y is not None:
+            check_split_classes(data.y, {s: data[f"{s}_mask"] for s in SPLITS}, self.hparams.graph)
         self.data = data
 
     @property

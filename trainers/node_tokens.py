@@ -17,7 +17,7 @@ from tokenizers_q.models.ppr import ppr_topk
 from tokenizers_q.packing import TokenFile, load_tokens, save_tokens
 from tokenizers_q.trainers.artifacts import tokenizer_fingerprint
 from tokenizers_q.trainers.data import SPLITS, SplitDataModule
-from tokenizers_q.trainers.graph_data import check_graph
+from tokenizers_q.trainers.graph_data import check_graph, check_split_classes
 
 NODE_EXTRAS = ("labels", "ppr_index", "ppr_score", *(f"{s}_mask" for s in SPLITS))
 
@@ -125,6 +125,8 @@ class NodeTokenDataModule(SplitDataModule):
         tokens = load_tokens(self.path)
         check_node_tokens(tokens, self.path)
         full = NodeTokenDataset(tokens)
+        masks = {split: tokens.extras[f"{split}_mask"] for split in SPLITS}
+        check_split_classes(tokens.extras["labels"], masks, self.path)
         for split in SPLITS:
             nodes = torch.nonzero(tokens.extras[f"{split}_mask"].bool()).flatten().tolist()
             self.splits[split] = Subset(full, nodes)
