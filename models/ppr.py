@@ -2,7 +2,7 @@
 
 The PPR vector of a source node ``s`` is ``pi_s = sum_t alpha (1 - alpha)^t e_s P^t``
 with ``P = D^-1 A`` the random-walk matrix (a walker restarts at ``s`` with
-probability ``alpha``). All sources are iterated together as sparse CSR matrices
+probability ``alpha``). A batch of sources is iterated together as sparse COO matrices
 (``r_{t+1} = (1 - alpha) r_t P``) whose rows keep only the ``width`` largest
 entries of the walk's remaining mass ``r_t``, so memory and time grow with
 ``num_nodes * width * degree`` and never with ``num_nodes^2``. With ``width >=
@@ -32,34 +32,30 @@ def check_edge_index(edge_index: torch.Tensor, num_nodes: int) -> None:
 
 
 def _random_walk_matrix(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """``P = D^-1 A`` as a sparse CSR (N, N) matrix; nodes without out-edges get a self-loop."""
+    """``P = D^-1 A`` as a coalesced sparse COO (N, N) matrix; nodes without out-edges get a self-loop."""
     src, dst = edge_index.long()
     isolated = torch.nonzero(torch.bincount(src, minlength=num_nodes) == 0).flatten()
     src, dst = torch.cat([src, isolated]), torch.cat([dst, isolated])
     degree = torch.bincount(src, minlength=num_nodes).float()
-    with warnings.catch_warnings():  # torch calls sparse CSR "beta"; the operations used here are stable
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        walk = torch.sparse_coo_tensor(torch.stack([src, dst]), 1.0 / degree[src], (num_nodes, num_nodes))
-        return walk.coalesce().to_sparse_csr()
+    indices, size = torch.stack([src, dst]), (num_nodes, num_nodes)
+    return torch.sparse_coo_tensor(indices, 1.0 / degree[src], size, check_invariants=False).coalesce()
 
 
-def _rows_to_csr(cols: torch.Tensor, vals: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Padded rows (S, W) of (node, score), score <= 0 meaning empty, -> sparse CSR (S, N)."""
-    cols, order = torch.sort(torch.where(vals > 0, cols, num_nodes), dim=1)  # CSR wants sorted columns
-    vals = torch.gather(vals, 1, order)
+def _rows_to_coo(cols: torch.Tensor, vals: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Padded rows (S, W) of (node, score), score <= 0 meaning empty, -> coalesced sparse COO (S, N)."""
     keep = vals > 0
-    crow = torch.zeros(len(cols) + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(keep.sum(1), 0)
-    return torch.sparse_csr_tensor(crow, cols[keep], vals[keep], (len(cols), num_nodes))
+    rows = torch.arange(len(cols)).repeat_interleave(keep.sum(1))
+    indices = torch.stack([rows, cols[keep]])
+    size = (len(cols), num_nodes)
+    return torch.sparse_coo_tensor(indices, vals[keep], size, check_invariants=False).coalesce()
 
 
 def _largest_per_row(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``width`` largest entries of every row of a CSR matrix: (S, <= width) nodes and
-    values, largest first; value -1 marks an empty slot."""
-    crow, cols, vals = matrix.crow_indices(), matrix.col_indices(), matrix.values()
-    lengths = crow.diff()
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    position = torch.arange(len(cols)) - crow[rows]
+    """The ``width`` largest entries of every row of a coalesced COO matrix: (S, <= width) nodes and values,
+    largest first; value -1 marks an empty slot."""
+    (rows, cols), vals = matrix.indices(), matrix.values()
+    lengths = torch.bincount(rows, minlength=matrix.shape[0])
+    position = torch.arange(len(cols)) - (torch.cumsum(lengths, 0) - lengths)[rows]  # rows come sorted
     span = max(1, int(lengths.max()) if len(lengths) else 0)
     padded_vals = torch.full((len(lengths), span), -1.0)
     padded_cols = torch.zeros((len(lengths), span), dtype=torch.long)
@@ -129,12 +125,20 @@ def ppr_topk(
 
 def _iterate(sources, walk, alpha, width, num_iterations):
     """Truncated PPR series ``sum_t alpha (1 - alpha)^t e_s P^t`` for a batch of sources, the walk's
-    remaining mass ``r_t`` pruned to its ``width`` largest entries per row: (S, *) nodes and scores."""
+    remaining mass ``r_t`` pruned to its ``width`` largest entries per row: (S, *) nodes and scores.
+
+    Sparse COO products: torch's CSR x CSR product on the CPU keeps part of every result alive (about
+    12 bytes per output entry, never freed), which made memory grow with every batch."""
     num_nodes = walk.shape[0]
     residual_cols, residual_vals = sources[:, None].clone(), torch.ones(len(sources), 1)
-    scores = _rows_to_csr(residual_cols, alpha * residual_vals, num_nodes)
+    terms = [(residual_cols, alpha * residual_vals)]
     for _ in range(num_iterations):
-        spread = _rows_to_csr(residual_cols, (1.0 - alpha) * residual_vals, num_nodes) @ walk
-        residual_cols, residual_vals = _largest_per_row(spread, width)
-        scores = scores + _rows_to_csr(residual_cols, alpha * residual_vals, num_nodes)
-    return _largest_per_row(scores, scores.crow_indices().diff().max().item())
+        with warnings.catch_warnings():  # torch calls its sparse CSR "beta"; the product used here is stable
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            spread = torch.sparse.mm(_rows_to_coo(residual_cols, (1.0 - alpha) * residual_vals, num_nodes), walk)
+        residual_cols, residual_vals = _largest_per_row(spread.coalesce(), width)
+        terms.append((residual_cols, alpha * residual_vals))
+    cols = torch.cat([c for c, _ in terms], 1)
+    vals = torch.cat([torch.where(v > 0, v, 0.0) for _, v in terms], 1)
+    scores = _rows_to_coo(cols, vals, num_nodes)  # coalescing sums each node's terms
+    return _largest_per_row(scores, max(1, int(torch.bincount(scores.indices()[0]).max())))
