@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GCNConv, SAGEConv
 
+from tokenizers_q.models.graph_encoder import ENCODERS
 from tokenizers_q.models.ppr import ppr_topk
 from tokenizers_q.trainers.graph_data import GraphDataModule, contextual_sbm, edge_homophily
 from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule
@@ -87,8 +88,11 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     """Stage 1 (tokenizer), node tokens, stage 2 (transformer); test accuracy at the best validation epoch."""
     L.seed_everything(seed, verbose=False)
     start = time.perf_counter()
-    quantizer = {"num_quantizers": args.levels, "codebook_size": args.codes}
-    tokenizer = GraphTokenizerModule(conv=args.conv, quantizer_kwargs=quantizer)
+    if args.quantizer == "pq":  # one code per channel group (conv hops: one per propagation channel)
+        quantizer = {"num_groups": args.levels, "quantizer": "vq", "codebook_size": args.codes}
+    else:
+        quantizer = {"num_quantizers": args.levels, "codebook_size": args.codes}
+    tokenizer = GraphTokenizerModule(conv=args.conv, quantizer=args.quantizer, quantizer_kwargs=quantizer)
     trainer(folder, max_steps=args.tokenizer_steps, limit_val_batches=0, enable_checkpointing=False).fit(
         tokenizer, data_module
     )
@@ -151,8 +155,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-nodes", type=int, default=4000)
     parser.add_argument("--tokenizer-steps", type=int, default=300)
-    parser.add_argument("--conv", default="gcn", choices=["gcn", "gat", "sage"], help="tokenizer GNN layers")
-    parser.add_argument("--levels", type=int, default=3, help="RVQ levels")
+    parser.add_argument("--conv", default="gcn", choices=list(ENCODERS), help="tokenizer GNN layers (hops: HopEncoder)")
+    parser.add_argument("--quantizer", default="rvq", choices=["rvq", "pq"], help="pq: one code per channel group")
+    parser.add_argument("--levels", type=int, default=3, help="RVQ levels or PQ groups")
     parser.add_argument("--codes", type=int, default=256, help="codes per level")
     parser.add_argument("--ppr-k", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
@@ -206,7 +211,8 @@ def main() -> None:
             f"{usage} | {' | '.join(f'{t:.0f}' for t in times)} |"
         )
     print(
-        f"\n{args.conv} tokenizer, {args.levels} RVQ levels x {args.codes} codes, {args.tokenizer_steps} tokenizer "
+        f"\n{args.conv} tokenizer, {args.levels} {args.quantizer.upper()} levels x {args.codes} codes, "
+        f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours; "
         f"{torch.get_num_threads()} threads."

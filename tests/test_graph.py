@@ -13,7 +13,7 @@ pytest.importorskip("torch_geometric")
 
 from torch_geometric.data import Data  # noqa: E402
 
-from tokenizers_q.models.graph_encoder import GNNEncoder  # noqa: E402
+from tokenizers_q.models.graph_encoder import GNNEncoder, HopEncoder  # noqa: E402
 from tokenizers_q.models.graph_transformer import GraphTransformer  # noqa: E402
 from tokenizers_q.models.ppr import ppr_topk  # noqa: E402
 from tokenizers_q.packing import TokenSpec, load_tokens, save_tokens  # noqa: E402
@@ -322,6 +322,46 @@ def test_gnn_encoder_bad_input():
         GNNEncoder(4, hidden_dim=10, conv="gat", heads=4)
     with pytest.raises(ValueError, match=r"expected node features \(N, 4\)"):
         GNNEncoder(4)(torch.randn(3, 5), torch.tensor([[0], [1]]))
+
+
+def test_hop_encoder_keeps_each_propagation_step_in_its_own_channel():
+    from torch_geometric.utils import to_dense_adj
+
+    graph = contextual_sbm(num_nodes=40, num_features=6, seed=0)
+    encoder = HopEncoder(6, hidden_dim=16, out_dim=16, num_hops=2).eval()  # channels X, ÂX, Â²X, (I - Â)X
+    # the propagation is the GCN-normalised adjacency with self-loops, applied as a dense matrix
+    dense = to_dense_adj(graph.edge_index, max_num_nodes=40)[0] + torch.eye(40)
+    degree = dense.sum(1).rsqrt()
+    normalised = degree[:, None] * dense * degree[None, :]
+    hops = [graph.x, normalised @ graph.x, normalised @ normalised @ graph.x, graph.x - normalised @ graph.x]
+    expected = torch.cat([mlp(h) for mlp, h in zip(encoder.mlps, hops)], -1)
+    torch.testing.assert_close(encoder(graph.x, graph.edge_index), expected, atol=1e-5, rtol=1e-4)
+    # a node's own channel reads only its own features: changing every other node leaves it as it was
+    changed = graph.x.clone()
+    changed[1:] = torch.randn(39, 6)
+    own = encoder(changed, graph.edge_index)[0, :4]
+    torch.testing.assert_close(own, encoder(graph.x, graph.edge_index)[0, :4])
+    x = graph.x.clone().requires_grad_(True)
+    encoder.train()(x, graph.edge_index).square().sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in encoder.parameters())
+    with pytest.raises(ValueError, match="out_dim 10 must be divisible by the 4 channels"):
+        HopEncoder(6, out_dim=10)
+    with pytest.raises(ValueError, match=r"expected node features \(N, 6\)"):
+        encoder(torch.randn(3, 5), graph.edge_index)
+
+
+def test_a_hop_tokenizer_gives_one_code_per_channel():
+    graph = contextual_sbm(num_nodes=60, num_features=8, seed=0)
+    pq = {"num_groups": 4, "quantizer": "vq", "codebook_size": 16}
+    tokenizer = GraphTokenizerModule(
+        in_dim=8, hidden_dim=16, latent_dim=16, conv="hops", quantizer="pq", quantizer_kwargs=pq
+    )
+    assert tokenizer.encode(graph).shape == (60, 4) and tokenizer.bits_per_node() == 16.0
+    losses, _ = tokenizer._loss_terms(graph)
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in tokenizer.encoder.parameters())
+    with pytest.raises(ValueError, match="conv must be one of"):
+        GraphTokenizerModule(in_dim=8, conv="gin")
 
 
 @pytest.mark.parametrize("loss", ["mae", "dgi", "latent"])

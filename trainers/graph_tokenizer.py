@@ -6,8 +6,9 @@ import torch
 from torch_geometric.data import Data
 
 from tokenizers_q import memory
+from tokenizers_q.checks import check_choice
 from tokenizers_q.metrics import code_counts, usage_metrics
-from tokenizers_q.models.graph_encoder import GNNEncoder
+from tokenizers_q.models.graph_encoder import ENCODERS, GNNEncoder, HopEncoder
 from tokenizers_q.models.graph_ssl import DeepGraphInfomax, LatentPrediction, MaskedFeatureReconstruction
 from tokenizers_q.quantizers import Quantizer, create_quantizer
 from tokenizers_q.trainers.graph_data import check_graph
@@ -29,6 +30,9 @@ class GraphTokenizerModule(TrainingModule):
         in_dim: node feature size; default: read from the data module.
         hidden_dim, num_layers, conv, heads, norm, residual, dropout: the
             :class:`~tokenizers_q.models.GNNEncoder`. Defaults: 128, 2, ``"gcn"``, 4, ``"batch"``, True, 0.1.
+            ``conv="hops"``: a :class:`~tokenizers_q.models.graph_encoder.HopEncoder` instead, with ``num_layers``
+            propagation steps and the high-pass channel kept apart (pair it with ``quantizer: pq`` and one group
+            per channel, ``num_layers + 2``, so every channel has a code).
         latent_dim: size of the quantized latents. Default: 64.
         quantizer: registered quantizer name. Default: ``"rvq"``.
         quantizer_kwargs: its arguments. Default: 3 levels of 256 codes (24 bits per node).
@@ -77,6 +81,7 @@ class GraphTokenizerModule(TrainingModule):
         weights = {"mae_weight": mae_weight, "dgi_weight": dgi_weight, "latent_weight": latent_weight}
         if any(w < 0 for w in weights.values()) or quantizer_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got {weights} and quantizer_weight={quantizer_weight}")
+        check_choice("conv", conv, ENCODERS)
         if not any(weights.values()):
             raise ValueError("switch on at least one self-supervised loss (mae_weight, dgi_weight or latent_weight)")
         if quantizer_kwargs is None and quantizer == "rvq":
@@ -90,9 +95,12 @@ class GraphTokenizerModule(TrainingModule):
     def _build(self, in_dim: int) -> None:
         hp = self.hparams
         hp.in_dim = in_dim
-        self.encoder = GNNEncoder(
-            in_dim, hp.hidden_dim, hp.latent_dim, hp.num_layers, hp.conv, hp.heads, hp.norm, hp.residual, hp.dropout
-        )
+        if hp.conv == "hops":
+            self.encoder = HopEncoder(in_dim, hp.hidden_dim, hp.latent_dim, hp.num_layers, True, hp.norm, hp.dropout)
+        else:
+            self.encoder = GNNEncoder(
+                in_dim, hp.hidden_dim, hp.latent_dim, hp.num_layers, hp.conv, hp.heads, hp.norm, hp.residual, hp.dropout
+            )
         self.mae = None
         if hp.mae_weight:
             self.mae = MaskedFeatureReconstruction(
