@@ -33,11 +33,15 @@ class GraphTransformer(nn.Module):
         mlp_ratio: feed-forward width over ``dim``. Default: 2.
         dropout: Default: 0.1.
         gating: multiply neighbour tokens by a gate from their PPR score. Default: True.
+        feature_dim: read each node's own features too, projected into one more token (the ego token, as
+            GQT's released transformer does): on heterophilous graphs, where neighbours are of other classes,
+            the node's features are what tells its class. Default: None (codes only).
 
     Shapes:
         - codes: (B, 1 + num_neighbours, num_codebooks) int64 (any value where ``valid`` is False)
         - scores: (B, 1 + num_neighbours) float PPR scores (position 0, the node itself, is not gated)
         - valid: (B, 1 + num_neighbours) bool, False at padding (nodes with fewer neighbours)
+        - features: (B, feature_dim) float, the nodes' own features (only with ``feature_dim``)
         - output: logits (B, num_classes)
     """
 
@@ -52,6 +56,7 @@ class GraphTransformer(nn.Module):
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         gating: bool = True,
+        feature_dim: int | None = None,
     ):
         super().__init__()
         if not codebook_sizes:
@@ -68,6 +73,10 @@ class GraphTransformer(nn.Module):
         self.codebook_embedding = nn.Parameter(torch.randn(len(codebook_sizes), dim) * 0.02)
         self.rank_embedding = nn.Parameter(torch.randn(1 + num_neighbours, dim) * 0.02)
         self.gate = nn.Sequential(nn.Linear(1, dim), nn.Sigmoid()) if gating else None
+        self.feature_dim = None if feature_dim is None else check_int("feature_dim", feature_dim)
+        self.ego = (
+            None if feature_dim is None else nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, dim))
+        )
         layer = nn.TransformerEncoderLayer(
             dim, num_heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -91,8 +100,18 @@ class GraphTransformer(nn.Module):
                 f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must both be {tuple(codes.shape[:2])}"
             )
 
-    def forward(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         self._check(codes, scores, valid)
+        if (features is None) != (self.ego is None):
+            raise ValueError(
+                f"this model reads node features of size {self.feature_dim}, none were given"
+                if features is None
+                else "node features were given to a model built without feature_dim"
+            )
+        if features is not None and features.shape != (codes.shape[0], self.feature_dim):
+            raise ValueError(f"expected features ({codes.shape[0]}, {self.feature_dim}), got {tuple(features.shape)}")
         codes = torch.where(valid[..., None], codes, 0)
         tokens = torch.stack([embed(codes[..., c]) for c, embed in enumerate(self.embed)], dim=2)  # (B, S, C, dim)
         tokens = tokens + self.codebook_embedding + self.rank_embedding[:, None]
@@ -103,6 +122,9 @@ class GraphTransformer(nn.Module):
             tokens = tokens * gate[:, :, None]
         tokens = tokens.flatten(1, 2)  # (B, S * C, dim)
         padding = (~valid).repeat_interleave(len(self.embed), dim=1)
+        if self.ego is not None:  # the ego token first, never padding
+            tokens = torch.cat([self.ego(features)[:, None], tokens], dim=1)
+            padding = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
         h = self.norm(self.blocks(tokens, src_key_padding_mask=padding))
         weights = self.pool(h).squeeze(-1).masked_fill(padding, float("-inf")).softmax(dim=-1)
         return self.head((weights[..., None] * h).sum(1))

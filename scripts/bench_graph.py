@@ -116,14 +116,18 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     )
     tokenizer_seconds = time.perf_counter() - start
     graph = data_module.data
-    path = write_node_tokens(tokenizer, graph, folder / "nodes.safetensors", ppr_k=args.ppr_k)
+    path = write_node_tokens(
+        tokenizer, graph, folder / "nodes.safetensors", ppr_k=args.ppr_k, features=args.ego_features
+    )
     stats = tokenizer.code_statistics(graph)
     code_bits, codebook_bits = tokenizer.bits_per_node(), float(tokenizer.shared_bits())
 
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)
     nodes = NodeTokenDataModule(str(path), batch_size=256, seed=seed)
-    model = GraphTransformerModule(dim=args.dim, depth=args.depth, num_heads=4, dropout=0.2, lr=2e-3)
+    model = GraphTransformerModule(
+        dim=args.dim, depth=args.depth, num_heads=4, dropout=0.2, lr=2e-3, ego_features=args.ego_features
+    )
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", monitor="val/accuracy", mode="max")
     fit = trainer(folder, max_epochs=args.epochs, callbacks=[best], gradient_clip_val=1.0)
     fit.fit(model, nodes)
@@ -177,6 +181,9 @@ def main() -> None:
     parser.add_argument("--quantizer", default="rvq", choices=["rvq", "pq"], help="pq: one code per channel group")
     parser.add_argument("--levels", type=int, default=3, help="RVQ levels or PQ groups")
     parser.add_argument("--codes", type=int, default=256, help="codes per level")
+    parser.add_argument(
+        "--ego-features", action="store_true", help="the transformer also reads each node's own features"
+    )
     parser.add_argument("--ppr-k", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
@@ -232,7 +239,8 @@ def main() -> None:
         f"\n{args.conv} tokenizer, {args.levels} {args.quantizer.upper()} levels x {args.codes} codes, "
         f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
-        f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours; "
+        f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
+        f"{', an ego token of each node's own features' if args.ego_features else ''}; "
         f"{torch.get_num_threads()} threads."
     )
     if args.ppr_nodes:

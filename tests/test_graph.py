@@ -447,6 +447,46 @@ def test_graph_transformer_ignores_padding_and_learns_from_tokens():
     assert loss.item() < 0.2
 
 
+def test_the_ego_token_lets_the_transformer_read_a_nodes_own_features():
+    torch.manual_seed(0)
+    model = GraphTransformer([8], num_classes=2, num_neighbours=2, dim=32, depth=1, num_heads=2, feature_dim=5)
+    codes = torch.zeros(256, 3, 1, dtype=torch.long)  # the codes say nothing: the label is in the features
+    features = torch.randn(256, 5)
+    labels = (features[:, 2] > 0).long()
+    valid, scores = torch.ones(256, 3, dtype=torch.bool), torch.rand(256, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(model(codes, scores, valid, features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 and model.ego[1].weight.grad is not None
+    with pytest.raises(ValueError, match="reads node features of size 5, none were given"):
+        model(codes, scores, valid)
+    with pytest.raises(ValueError, match=r"expected features \(256, 5\), got \(256, 4\)"):
+        model(codes, scores, valid, features[:, :4])
+    with pytest.raises(ValueError, match="given to a model built without feature_dim"):
+        GraphTransformer([8], num_classes=2, num_neighbours=2, dim=32)(codes, scores, valid, features)
+
+
+def test_token_files_carry_features_for_the_ego_token(tmp_path):
+    data = GraphDataModule(num_nodes=60, num_features=4)
+    data.setup()
+    tokenizer = GraphTokenizerModule(in_dim=4, hidden_dim=8, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    with_features = write_node_tokens(tokenizer, data.data, tmp_path / "f.safetensors", ppr_k=3, features=True)
+    without = write_node_tokens(tokenizer, data.data, tmp_path / "n.safetensors", ppr_k=3)
+    nodes = NodeTokenDataModule(str(with_features), batch_size=8)
+    codes, scores, valid, labels, features = next(iter(nodes.dataloader("val")))  # in order
+    assert features.shape == (8, 4) and nodes.feature_dim == 4
+    first = nodes.splits["val"].indices[0]
+    assert torch.equal(features[0], data.data.x[first])  # each node's own features, in its split's order
+    model = GraphTransformerModule(token_file=str(with_features), dim=16, ego_features=True)
+    assert model.hparams.feature_dim == 4 and model(codes, scores, valid, features).shape == (8, 4)
+    assert NodeTokenDataModule(str(without)).feature_dim is None
+    with pytest.raises(ValueError, match="holds none: write the token file with tokq encode --features"):
+        GraphTransformerModule(token_file=str(without), ego_features=True)
+
+
 def test_graph_transformer_bad_input_and_codebook_init():
     model = GraphTransformer([8, 4], num_classes=3, num_neighbours=2, dim=16, depth=1, num_heads=2, gating=False)
     with pytest.raises(ValueError, match=r"expected codes \(B, 3, 2\)"):

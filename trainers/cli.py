@@ -109,6 +109,9 @@ def encode_command(argv: list[str]) -> Path:
     parser.add_argument("--graph", help="graph tokenizers: override the graph (csbm, ba_house or a .pt file)")
     parser.add_argument("--ppr-k", type=int, help="graph tokenizers: PPR neighbours stored per node")
     parser.add_argument("--ppr-alpha", type=float, help="graph tokenizers: PPR restart probability")
+    parser.add_argument(
+        "--features", action="store_true", help="graph tokenizers: also store node features (for ego_features)"
+    )
     args = parser.parse_args(argv)
 
     from tokenizers_q.packing import save_tokens
@@ -148,7 +151,7 @@ def encode_graph(model, file: ModuleFile, args) -> Path:
     k = args.ppr_k or data.hparams.ppr_k
     alpha = args.ppr_alpha or data.hparams.ppr_alpha
     metadata = {"checkpoint": str(Path(args.ckpt).resolve()), "graph": str(data.hparams.graph)}
-    path = write_node_tokens(model, data.data, args.output, k, alpha, metadata)
+    path = write_node_tokens(model, data.data, args.output, k, alpha, metadata, features=args.features)
     spec = model.quantizer.spec
     print(
         f"wrote {data.data.num_nodes} nodes x {spec.num_codebooks} codebook(s), {spec.bits_per_token} bits/node, "

@@ -11,6 +11,15 @@ from tokenizers_q.trainers.artifacts import load_graph_tokenizer
 from tokenizers_q.trainers.module import Step, TrainingModule
 from tokenizers_q.trainers.node_tokens import check_node_tokens
 
+_ENCODE_FEATURES = "write the token file with tokq encode --features (write_node_tokens(..., features=True))"
+
+
+def _feature_dim(extras: dict, path) -> int:
+    """The node feature size of a token file's extras, or a clear error naming how to write them."""
+    if "features" not in extras:
+        raise ValueError(f"ego_features needs node features, and {path} holds none: {_ENCODE_FEATURES}")
+    return int(extras["features"].shape[1])
+
 
 class GraphTransformerModule(TrainingModule):
     r"""Node classification from node tokens and PPR neighbourhoods.
@@ -25,6 +34,8 @@ class GraphTransformerModule(TrainingModule):
         tokenizer: graph tokenizer checkpoint (for ``init_from_codebook``); default: the token file's.
         dim, depth, num_heads, mlp_ratio, dropout, gating: see :class:`~tokenizers_q.models.GraphTransformer`
             (checkpoints saved with ``heads`` still load).
+        ego_features: read each node's own features as one more token (the token file must hold them:
+            ``tokq encode --features``). Default: False.
         init_from_codebook: start code embeddings from the tokenizer's codebooks. Default: False.
         label_smoothing: of the cross-entropy. Default: 0.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with warm-up and cosine decay.
@@ -46,6 +57,8 @@ class GraphTransformerModule(TrainingModule):
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         gating: bool = True,
+        ego_features: bool = False,
+        feature_dim: int | None = None,
         init_from_codebook: bool = False,
         label_smoothing: float = 0.0,
         lr: float = 1e-3,
@@ -60,15 +73,26 @@ class GraphTransformerModule(TrainingModule):
             spec, num_classes = spec or tokens.spec.to_dict(), num_classes or tokens.metadata["num_classes"]
             num_neighbours = num_neighbours if num_neighbours is not None else tokens.metadata["ppr_k"]
             tokenizer = tokenizer or tokens.metadata.get("checkpoint")
+            if ego_features and feature_dim is None:
+                feature_dim = _feature_dim(tokens.extras, token_file)
         self.save_hyperparameters()
         self.model: GraphTransformer | None = None
         if spec is not None and num_classes is not None and num_neighbours is not None:
-            self._build(spec, num_classes, num_neighbours, tokenizer)
+            if ego_features and feature_dim is None:
+                raise ValueError("ego_features needs feature_dim (or a token_file holding node features)")
+            self._build(spec, num_classes, num_neighbours, tokenizer, feature_dim)
 
-    def _build(self, spec, num_classes: int, num_neighbours: int, tokenizer: str | None) -> None:
+    def _build(self, spec, num_classes: int, num_neighbours: int, tokenizer: str | None, feature_dim) -> None:
         hp = self.hparams
         spec = spec if isinstance(spec, TokenSpec) else TokenSpec.from_dict(spec)
-        hp.update(spec=spec.to_dict(), num_classes=num_classes, num_neighbours=num_neighbours, tokenizer=tokenizer)
+        feature_dim = feature_dim if hp.ego_features else None
+        hp.update(
+            spec=spec.to_dict(),
+            num_classes=num_classes,
+            num_neighbours=num_neighbours,
+            tokenizer=tokenizer,
+            feature_dim=feature_dim,
+        )
         self.model = GraphTransformer(
             list(spec.codebook_sizes),
             num_classes,
@@ -79,6 +103,7 @@ class GraphTransformerModule(TrainingModule):
             hp.mlp_ratio,
             hp.dropout,
             hp.gating,
+            feature_dim,
         )
 
     def configure_model(self) -> None:
@@ -89,11 +114,16 @@ class GraphTransformerModule(TrainingModule):
             raise ValueError("the token layout is unknown: give token_file, or train with a NodeTokenDataModule")
         data.setup()
         tokenizer = self.hparams.tokenizer or data.metadata.get("checkpoint")
-        self._build(data.spec, data.num_classes, data.num_neighbours, tokenizer)
+        feature_dim = self.hparams.feature_dim
+        if self.hparams.ego_features and feature_dim is None:
+            feature_dim = data.feature_dim
+            if feature_dim is None:
+                raise ValueError(f"ego_features needs node features, and {data.path} holds none: {_ENCODE_FEATURES}")
+        self._build(data.spec, data.num_classes, data.num_neighbours, tokenizer, feature_dim)
 
-    def forward(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, codes, scores, valid, features: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (B, num_classes) of node sequences (see :class:`GraphTransformer`)."""
-        return self.model(codes, scores, valid)
+        return self.model(codes, scores, valid, features)
 
     def _check_data(self) -> None:
         data = self.trainer.datamodule if self._trainer is not None else None
@@ -112,8 +142,8 @@ class GraphTransformerModule(TrainingModule):
             self.model.init_embeddings_from([v.to(self.device) for v in vectors])
 
     def losses(self, batch, stage: str) -> Step:
-        codes, scores, valid, labels = batch
-        logits = self(codes, scores, valid)
+        codes, scores, valid, labels, *features = batch
+        logits = self(codes, scores, valid, features[0] if features and self.hparams.ego_features else None)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         accuracy = (logits.argmax(-1) == labels).float().mean()
         shown = () if stage == "train" else ("loss", "accuracy")

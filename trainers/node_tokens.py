@@ -29,9 +29,12 @@ def write_node_tokens(
     ppr_k: int = 16,
     ppr_alpha: float = 0.15,
     metadata: dict | None = None,
+    features: bool = False,
 ) -> Path:
     """Encode every node of ``data`` with a :class:`~tokenizers_q.trainers.GraphTokenizerModule` and write
-    codes (N, num_codebooks), labels, split masks and the top-``ppr_k`` PPR neighbours to ``path``."""
+    codes (N, num_codebooks), labels, split masks and the top-``ppr_k`` PPR neighbours to ``path``; with
+    ``features`` also the node features (N, F) float32, for a transformer reading each node's own features
+    as an ego token (``GraphTransformerModule(ego_features=True)``)."""
     check_graph(data, need_labels=True)
     masks = {f"{s}_mask": data[f"{s}_mask"] for s in SPLITS if f"{s}_mask" in data}
     if len(masks) != len(SPLITS):
@@ -54,6 +57,7 @@ def write_node_tokens(
         "ppr_index": index,
         "ppr_score": score,
         **{k: v.bool() for k, v in masks.items()},
+        **({"features": data.x.float()} if features else {}),
     }
     return save_tokens(path, codes, tokenizer.quantizer.spec, info, extras, tokenizer_fingerprint(tokenizer))
 
@@ -80,8 +84,9 @@ def check_node_tokens(tokens: TokenFile, path: str | Path) -> None:
 class NodeTokenDataset(Dataset):
     r"""Per-node sequences of a node token file: the node followed by its PPR neighbours.
 
-    Items: ``(codes (1 + k, C) int64, scores (1 + k,) float, valid (1 + k,) bool, label ())``;
-    the node itself has score 1; padding (fewer than k neighbours) has valid False.
+    Items: ``(codes (1 + k, C) int64, scores (1 + k,) float, valid (1 + k,) bool, label ())``, then the node's
+    features (F,) float32 where the file holds them; the node itself has score 1; padding (fewer than k
+    neighbours) has valid False.
     """
 
     def __init__(self, tokens: TokenFile):
@@ -92,12 +97,14 @@ class NodeTokenDataset(Dataset):
         self.nodes = torch.cat([nodes, index.clamp_min(0)], dim=1)
         self.valid = torch.cat([torch.ones_like(nodes, dtype=torch.bool), index >= 0], dim=1)
         self.scores = torch.cat([torch.ones(len(index), 1), tokens.extras["ppr_score"].float()], dim=1)
+        self.features = tokens.extras["features"].float() if "features" in tokens.extras else None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     def __getitem__(self, i: int):
-        return self.codes[self.nodes[i]], self.scores[i], self.valid[i], self.labels[i]
+        item = self.codes[self.nodes[i]], self.scores[i], self.valid[i], self.labels[i]
+        return item if self.features is None else (*item, self.features[i])
 
 
 class NodeTokenDataModule(SplitDataModule):
@@ -136,6 +143,13 @@ class NodeTokenDataModule(SplitDataModule):
     def num_classes(self) -> int:
         self.setup()
         return int(self.metadata["num_classes"])
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Node feature size of the file (None: it holds no features)."""
+        self.setup()
+        features = self.splits["train"].dataset.features
+        return None if features is None else features.shape[1]
 
     @property
     def num_neighbours(self) -> int:
