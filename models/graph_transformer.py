@@ -33,9 +33,10 @@ class GraphTransformer(nn.Module):
         mlp_ratio: feed-forward width over ``dim``. Default: 2.
         dropout: Default: 0.1.
         gating: multiply neighbour tokens by a gate from their PPR score. Default: True.
-        feature_dim: read each node's own features too, projected into one more token (the ego token, as
-            GQT's released transformer does): on heterophilous graphs, where neighbours are of other classes,
-            the node's features are what tells its class. Default: None (codes only).
+        feature_dim: read each node's own features too, projected by a two-layer MLP into one more token (the
+            ego token, as GQT's released transformer does), whose output joins the pooled one: on heterophilous
+            graphs, where neighbours are of other classes, the node's features are what tells its class.
+            Default: None (codes only).
 
     Shapes:
         - codes: (B, 1 + num_neighbours, num_codebooks) int64 (any value where ``valid`` is False)
@@ -74,9 +75,11 @@ class GraphTransformer(nn.Module):
         self.rank_embedding = nn.Parameter(torch.randn(1 + num_neighbours, dim) * 0.02)
         self.gate = nn.Sequential(nn.Linear(1, dim), nn.Sigmoid()) if gating else None
         self.feature_dim = None if feature_dim is None else check_int("feature_dim", feature_dim)
-        self.ego = (
-            None if feature_dim is None else nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, dim))
-        )
+        self.ego = None
+        if feature_dim is not None:
+            self.ego = nn.Sequential(
+                nn.LayerNorm(feature_dim), nn.Linear(feature_dim, dim), nn.GELU(), nn.Linear(dim, dim)
+            )
         layer = nn.TransformerEncoderLayer(
             dim, num_heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -127,4 +130,5 @@ class GraphTransformer(nn.Module):
             padding = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
         h = self.norm(self.blocks(tokens, src_key_padding_mask=padding))
         weights = self.pool(h).squeeze(-1).masked_fill(padding, float("-inf")).softmax(dim=-1)
-        return self.head((weights[..., None] * h).sum(1))
+        pooled = (weights[..., None] * h).sum(1)
+        return self.head(pooled if self.ego is None else pooled + h[:, 0])  # the ego token's own output joins in

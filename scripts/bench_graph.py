@@ -38,6 +38,7 @@ from tokenizers_q.trainers.node_tokens import NodeTokenDataModule, write_node_to
 
 GRAPHS = ("csbm-0.9", "csbm-0.5", "csbm-0.2", "ba_house")
 BASELINES = ("MLP", "GCN", "SAGE", "GPRGNN")
+EGO_NOTE = ", an ego token of each node's own features"
 
 
 class Baseline(nn.Module):
@@ -240,7 +241,7 @@ def main() -> None:
         f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
-        f"{', an ego token of each node's own features' if args.ego_features else ''}; "
+        f"{EGO_NOTE if args.ego_features else ''}; "
         f"{torch.get_num_threads()} threads."
     )
     if args.ppr_nodes:
