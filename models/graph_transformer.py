@@ -37,6 +37,9 @@ class GraphTransformer(nn.Module):
             ego token, as GQT's released transformer does), whose output joins the pooled one: on heterophilous
             graphs, where neighbours are of other classes, the node's features are what tells its class.
             Default: None (codes only).
+        token_dropout: in training, hide each code token with this probability (as padding; the ego token, or
+            without one the node's own codes, stay): node codes are near-unique, so without it a transformer
+            can memorise training nodes by their codes. Default: 0.
 
     Shapes:
         - codes: (B, 1 + num_neighbours, num_codebooks) int64 (any value where ``valid`` is False)
@@ -58,6 +61,7 @@ class GraphTransformer(nn.Module):
         dropout: float = 0.1,
         gating: bool = True,
         feature_dim: int | None = None,
+        token_dropout: float = 0.0,
     ):
         super().__init__()
         if not codebook_sizes:
@@ -75,6 +79,9 @@ class GraphTransformer(nn.Module):
         self.rank_embedding = nn.Parameter(torch.randn(1 + num_neighbours, dim) * 0.02)
         self.gate = nn.Sequential(nn.Linear(1, dim), nn.Sigmoid()) if gating else None
         self.feature_dim = None if feature_dim is None else check_int("feature_dim", feature_dim)
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be in [0, 1), got {token_dropout}")
+        self.token_dropout = token_dropout
         self.ego = None
         if feature_dim is not None:
             self.ego = nn.Sequential(
@@ -125,6 +132,11 @@ class GraphTransformer(nn.Module):
             tokens = tokens * gate[:, :, None]
         tokens = tokens.flatten(1, 2)  # (B, S * C, dim)
         padding = (~valid).repeat_interleave(len(self.embed), dim=1)
+        if self.training and self.token_dropout:
+            hidden = torch.rand(padding.shape, device=padding.device) < self.token_dropout
+            if self.ego is None:
+                hidden[:, : len(self.embed)] = False  # the node's own codes stay (with an ego token, that one does)
+            padding = padding | hidden
         if self.ego is not None:  # the ego token first, never padding
             tokens = torch.cat([self.ego(features)[:, None], tokens], dim=1)
             padding = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)

@@ -469,6 +469,22 @@ def test_the_ego_token_lets_the_transformer_read_a_nodes_own_features():
         GraphTransformer([8], num_classes=2, num_neighbours=2, dim=32)(codes, scores, valid, features)
 
 
+def test_token_dropout_hides_code_tokens_in_training_only():
+    torch.manual_seed(0)
+    model = GraphTransformer(
+        [8], num_classes=2, num_neighbours=3, dim=16, depth=1, num_heads=2, dropout=0.0, token_dropout=0.9
+    )
+    codes, scores, valid = torch.randint(0, 8, (4, 4, 1)), torch.rand(4, 4), torch.ones(4, 4, dtype=torch.bool)
+    model.eval()
+    assert torch.equal(model(codes, scores, valid), model(codes, scores, valid))  # nothing hidden in eval
+    model.train()
+    assert not torch.allclose(model(codes, scores, valid), model(codes, scores, valid))
+    alone = torch.tensor([[True, False, False, False]] * 4)  # the node's own codes are never hidden
+    assert torch.isfinite(model(codes, scores, alone)).all()
+    with pytest.raises(ValueError, match=r"token_dropout must be in \[0, 1\), got 1.0"):
+        GraphTransformer([8], num_classes=2, num_neighbours=3, dim=16, token_dropout=1.0)
+
+
 def test_token_files_carry_features_for_the_ego_token(tmp_path):
     data = GraphDataModule(num_nodes=60, num_features=4)
     data.setup()

@@ -32,7 +32,8 @@ class GraphTransformerModule(TrainingModule):
         token_file: a node token file to read the layout from.
         spec, num_classes, num_neighbours: the layout given directly instead.
         tokenizer: graph tokenizer checkpoint (for ``init_from_codebook``); default: the token file's.
-        dim, depth, num_heads, mlp_ratio, dropout, gating: see :class:`~tokenizers_q.models.GraphTransformer`
+        dim, depth, num_heads, mlp_ratio, dropout, gating, token_dropout: see
+            :class:`~tokenizers_q.models.GraphTransformer`
             (checkpoints saved with ``heads`` still load).
         ego_features: read each node's own features as one more token (the token file must hold them:
             ``tokq encode --features``). Default: False.
@@ -57,6 +58,7 @@ class GraphTransformerModule(TrainingModule):
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         gating: bool = True,
+        token_dropout: float = 0.0,
         ego_features: bool = False,
         feature_dim: int | None = None,
         init_from_codebook: bool = False,
@@ -104,6 +106,7 @@ class GraphTransformerModule(TrainingModule):
             hp.dropout,
             hp.gating,
             feature_dim,
+            hp.token_dropout,
         )
 
     def configure_model(self) -> None:
