@@ -127,7 +127,13 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     L.seed_everything(seed, verbose=False)
     nodes = NodeTokenDataModule(str(path), batch_size=256, seed=seed)
     model = GraphTransformerModule(
-        dim=args.dim, depth=args.depth, num_heads=4, dropout=0.2, lr=2e-3, ego_features=args.ego_features
+        dim=args.dim,
+        depth=args.depth,
+        num_heads=4,
+        dropout=0.2,
+        lr=2e-3,
+        ego_features=args.ego_features,
+        token_dropout=args.token_dropout,
     )
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", monitor="val/accuracy", mode="max")
     fit = trainer(folder, max_epochs=args.epochs, callbacks=[best], gradient_clip_val=1.0)
@@ -185,6 +191,7 @@ def main() -> None:
     parser.add_argument(
         "--ego-features", action="store_true", help="the transformer also reads each node's own features"
     )
+    parser.add_argument("--token-dropout", type=float, default=0.0, help="transformer: code tokens hidden in training")
     parser.add_argument("--ppr-k", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
@@ -241,7 +248,7 @@ def main() -> None:
         f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
-        f"{EGO_NOTE if args.ego_features else ''}; "
+        f"{EGO_NOTE if args.ego_features else ''}, token dropout {args.token_dropout}; "
         f"{torch.get_num_threads()} threads."
     )
     if args.ppr_nodes:
