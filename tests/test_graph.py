@@ -391,6 +391,14 @@ def test_each_ssl_loss_decreases(loss):
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5, history
 
 
+def test_encoding_in_batches_gives_the_same_codes():
+    graph = contextual_sbm(num_nodes=300, num_features=8, seed=0)
+    tokenizer = GraphTokenizerModule(in_dim=8, hidden_dim=16, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    assert torch.equal(tokenizer.encode(graph, batch_size=7), tokenizer.encode(graph))
+    with pytest.raises(ValueError, match="batch_size"):
+        tokenizer.encode(graph, batch_size=0)
+
+
 def test_tokenizer_bad_settings():
     with pytest.raises(ValueError, match="at least one self-supervised loss"):
         GraphTokenizerModule(in_dim=4, mae_weight=0, dgi_weight=0, latent_weight=0)

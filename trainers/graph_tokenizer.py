@@ -6,7 +6,7 @@ import torch
 from torch_geometric.data import Data
 
 from tokenizers_q import memory
-from tokenizers_q.checks import check_choice
+from tokenizers_q.checks import check_choice, check_int
 from tokenizers_q.metrics import code_counts, usage_metrics
 from tokenizers_q.models.graph_encoder import ENCODERS, GNNEncoder, HopEncoder
 from tokenizers_q.models.graph_ssl import DeepGraphInfomax, LatentPrediction, MaskedFeatureReconstruction
@@ -129,14 +129,18 @@ class GraphTokenizerModule(TrainingModule):
         return data
 
     @torch.no_grad()
-    def encode(self, data: Data) -> torch.Tensor:
+    def encode(self, data: Data, batch_size: int = 65536) -> torch.Tensor:
         """Node codes (N, num_codebooks) of a graph, always computed in eval mode (no dropout, running
-        normalisation statistics), so a fixed model gives the same tokens; nothing changes state."""
+        normalisation statistics), so a fixed model gives the same tokens; nothing changes state. The encoder
+        reads the whole graph once; its latents are quantized ``batch_size`` nodes at a time (the code search
+        holds a (batch, codebook_size) table, not one for every node)."""
         self._check(data)
+        check_int("batch_size", batch_size)
         was_training = self.training
         self.eval()
         try:
-            return self.quantizer.encode(self.encoder(data.x, data.edge_index))
+            latents = self.encoder(data.x, data.edge_index)
+            return torch.cat([self.quantizer.encode(part) for part in latents.split(batch_size)])
         finally:
             self.train(was_training)
 
