@@ -115,7 +115,7 @@ def test_distillation_errors(llama, sequences):
     other = KVTokenizerModule(num_layers=3, head_dim=16, quantizer_kwargs=SMALL_RVQ)
     with pytest.raises(ValueError, match="the tokenizer has 3 layers of head_dim 16, the model 2"):
         KVDistillationModule(other, llama)
-    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match="sink_tokens must be a non-negative int, got -1"):
         KVDistillationModule(tokenizer, llama, sink_tokens=-1)
     with pytest.raises(ValueError, match="has no decoder layers whose self_attn"):
         KVDistillationModule(tokenizer, torch.nn.Linear(2, 2))

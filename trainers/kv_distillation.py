@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_q.checks import check_int
 from tokenizers_q.kv import apply_rotary
 from tokenizers_q.kv.attention_inputs import attention_layers, model_head_dim
 from tokenizers_q.trainers.kv_tokenizer import KVTokenizerModule
@@ -116,8 +117,7 @@ class KVDistillationModule(TrainingModule):
                 f"the tokenizer has {tokenizer.hparams.num_layers} layers of head_dim {tokenizer.hparams.head_dim}, "
                 f"the model {layers} of head_dim {head_dim}"
             )
-        if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        check_int("sink_tokens", sink_tokens, 0)
         if quantizer_weight < 0:
             raise ValueError(f"quantizer_weight must be >= 0, got {quantizer_weight!r}")
         self.save_hyperparameters(ignore=["tokenizer", "model"])
