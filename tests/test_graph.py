@@ -557,9 +557,10 @@ def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
     assert (run / "codebook_usage" / "latest.png").is_file()
 
     tokens_path = tmp_path / "nodes.safetensors"
-    tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--ppr-k", "5"])
+    tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--ppr-k", "5", "--features"])
     tokens = load_tokens(tokens_path)
     assert tokens.codes.shape == (300, 2) and tokens.spec == TokenSpec((16, 16))
+    assert tokens.extras["features"].shape == (300, 8)  # for a transformer with ego_features
     assert tokens.extras["ppr_index"].shape == (300, 5) and tokens.metadata["num_classes"] == 4
     assert tokens.metadata["code_bits"] == 8 and tokens.metadata["checkpoint"] == str(ckpt.resolve())
 
@@ -577,7 +578,7 @@ def test_two_stage_pipeline_through_the_cli(tmp_path, capsys):
     gt_ckpt = tmp_path / "graph-transformer" / "version_0" / "checkpoints" / "last.ckpt"
     model = load_module(gt_ckpt, GraphTransformerModule)
     data = NodeTokenDataModule(str(tokens_path), batch_size=300)
-    codes, scores, valid, labels = next(iter(data.dataloader("test")))
+    codes, scores, valid, labels, features = next(iter(data.dataloader("test")))  # the file holds features
     with torch.no_grad():
         accuracy = (model(codes, scores, valid).argmax(-1) == labels).float().mean()
     assert accuracy > 0.6  # 4 classes, homophily 0.9: tokens and neighbourhoods carry the class
