@@ -34,7 +34,7 @@ def _has(op: str) -> bool:
 def kernel_layout(config, shape: tuple[int, int], device: torch.device) -> str | None:
     """The packed layout a linear layer of ``config`` and ``shape`` runs on, on ``device``; None: codes (a
     rotated method: the layout of the weight it multiplies, see ``WeightQuantConfig.linear_parts``)."""
-    config = config.linear_parts(shape)[1] if hasattr(config, "linear_parts") else config
+    config = config.linear_parts(shape)[1]
     if getattr(config, "method", None) != "int" or device.type != "cpu":
         return None
     out_features, in_features = shape
