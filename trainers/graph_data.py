@@ -1,8 +1,10 @@
 """Graphs for tokenizers: any PyG ``Data``, a generated contextual SBM, or the BA-house graph.
 
 Node classification data sets are one graph with train / val / test node masks.
-Every loader yields the whole graph (full-batch training); the masks say which
-nodes a split scores.
+Every loader yields the whole graph (full-batch training; the masks say which
+nodes a split scores), or with ``batch_nodes`` sampled subgraphs around batches of
+nodes (:class:`~tokenizers_q.models.neighbour_sampler.NeighbourSampler`), for graphs
+whose full-batch activations do not fit in memory.
 
 A user's graph file is read without running code it holds: a safetensors graph (see :func:`save_graph`),
 or a ``torch.save``-d ``Data`` / dict of tensors loaded with ``torch.load(weights_only=True)``.
@@ -27,6 +29,7 @@ from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from tokenizers_q.checks import check_choice, check_int
 from tokenizers_q.files import atomic_write
+from tokenizers_q.models.neighbour_sampler import NeighbourSampler
 from tokenizers_q.models.ppr import check_edge_index
 from tokenizers_q.trainers.data import SPLITS
 
@@ -291,7 +294,7 @@ def load_graph(path: str | os.PathLike) -> Data:
 
 
 class GraphDataModule(L.LightningDataModule):
-    r"""One graph for node-level tokenizers, trained full-batch.
+    r"""One graph for node-level tokenizers, trained full-batch or on sampled subgraphs.
 
     Args:
         graph: ``"csbm"`` (generated contextual SBM), ``"ba_house"`` (PyG's BA-shapes), the path of a user's
@@ -306,6 +309,12 @@ class GraphDataModule(L.LightningDataModule):
         ppr_k: personalised-PageRank neighbours per node stored with the node tokens. Default: 16.
         ppr_alpha: PPR restart probability. Default: 0.15.
         seed: seed of the generated graph and of the split. Default: 0.
+        batch_nodes: None: every loader yields the whole graph. A number: mini-batches, each the subgraph
+            around ``batch_nodes`` seed nodes (all nodes, shuffled, in training; the split's nodes in
+            validation and test) with ``fanouts`` sampled in-neighbours per hop; losses read every node of a
+            subgraph. Default: None.
+        fanouts: in-neighbours drawn per node at each hop, one entry per GNN layer. Default: [10, 10].
+        num_workers: loader processes sampling subgraphs (with ``batch_nodes``). Default: 0.
     """
 
     def __init__(
@@ -322,8 +331,17 @@ class GraphDataModule(L.LightningDataModule):
         ppr_k: int = 16,
         ppr_alpha: float = 0.15,
         seed: int = 0,
+        batch_nodes: int | None = None,
+        fanouts: list[int] | None = None,
+        num_workers: int = 0,
     ):
         super().__init__()
+        if batch_nodes is not None:
+            check_int("batch_nodes", batch_nodes)
+        check_int("num_workers", num_workers, minimum=0)
+        fanouts = [10, 10] if fanouts is None else list(fanouts)
+        if not fanouts or not all(isinstance(f, int) and f >= 1 for f in fanouts):
+            raise ValueError(f"fanouts must be a non-empty list of positive in-neighbour counts, got {fanouts}")
         self.given = graph if isinstance(graph, Data) else None
         known = graph in (*GRAPHS, IN_MEMORY) or str(graph).endswith(GRAPH_FILES)
         if self.given is None and not known:
@@ -376,10 +394,28 @@ class GraphDataModule(L.LightningDataModule):
         return int(self.data.y.max()) + 1 if self.data.y is not None else 0
 
     def dataloader(self, split: str = "train") -> DataLoader:
-        """A loader yielding the whole graph once; ``split`` only names the mask a step scores."""
+        """A loader yielding the whole graph once (``split`` only names the mask a step scores), or with
+        ``batch_nodes`` the sampled subgraphs around batches of nodes: all nodes shuffled for ``"train"``,
+        the split's nodes in order (draws seeded by ``seed``) otherwise."""
         check_choice("split", split, SPLITS)
         self.setup()
-        return DataLoader([self.data], batch_size=None)
+        hp = self.hparams
+        if hp.batch_nodes is None:
+            return DataLoader([self.data], batch_size=None)
+        if split == "train":
+            nodes, generator = range(self.data.num_nodes), None
+        else:
+            nodes = torch.nonzero(self.data[f"{split}_mask"]).flatten().tolist()
+            generator = torch.Generator().manual_seed(hp.seed)
+        sampler = NeighbourSampler(self.data, hp.fanouts, generator)
+        return DataLoader(
+            nodes,
+            batch_size=hp.batch_nodes,
+            shuffle=split == "train",
+            collate_fn=sampler,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch_geometric.data import Data
+from torch_geometric.utils import remove_self_loops, to_torch_csr_tensor
 
 from tokenizers_q import memory
 from tokenizers_q.checks import check_choice, check_int
@@ -23,8 +26,8 @@ class GraphTokenizerModule(TrainingModule):
     Each node gets ``num_codebooks`` codes (one per RVQ level by default: hierarchical tokens).
     The loss is ``mae_weight * masked feature reconstruction + dgi_weight * DGI +
     latent_weight * BGRL latent prediction + quantizer_weight * the quantizer's loss``;
-    a weight of 0 switches a part off (its parameters are not built). Training is
-    full-batch: every step sees the whole graph of a :class:`GraphDataModule`.
+    a weight of 0 switches a part off (its parameters are not built). Every step sees what the
+    :class:`GraphDataModule` yields: the whole graph, or with ``batch_nodes`` a sampled subgraph.
 
     Args:
         in_dim: node feature size; default: read from the data module.
@@ -132,17 +135,34 @@ class GraphTokenizerModule(TrainingModule):
     def encode(self, data: Data, batch_size: int = 65536) -> torch.Tensor:
         """Node codes (N, num_codebooks) of a graph, always computed in eval mode (no dropout, running
         normalisation statistics), so a fixed model gives the same tokens; nothing changes state. The encoder
-        reads the whole graph once; its latents are quantized ``batch_size`` nodes at a time (the code search
-        holds a (batch, codebook_size) table, not one for every node)."""
+        reads the whole graph once, GCN and GraphSAGE layers by a sparse adjacency product (memory of one
+        value per edge, not an (E, hidden_dim) table of messages); its latents are quantized ``batch_size``
+        nodes at a time (the code search holds a (batch, codebook_size) table, not one for every node)."""
         self._check(data)
         check_int("batch_size", batch_size)
         was_training = self.training
         self.eval()
         try:
-            latents = self.encoder(data.x, data.edge_index)
+            latents = self.encoder(data.x, self._adjacency(data))
             return torch.cat([self.quantizer.encode(part) for part in latents.split(batch_size)])
         finally:
             self.train(was_training)
+
+    def _adjacency(self, data: Data) -> torch.Tensor:
+        """The graph as the encoder reads it in :meth:`encode`: for GCN and GraphSAGE layers a sparse CSR
+        adjacency (rows: targets, as PyG's ``adj_t``) whose products equal message passing over
+        ``edge_index`` (GCN adds every self-loop itself); the edge list itself for other layers, or when an
+        edge repeats (a GraphSAGE mean counts each copy, a CSR product would not)."""
+        if self.hparams.conv not in ("gcn", "sage"):
+            return data.edge_index
+        num_nodes = data.x.shape[0]
+        edge_index = remove_self_loops(data.edge_index)[0] if self.hparams.conv == "gcn" else data.edge_index
+        pairs = edge_index[1] * num_nodes + edge_index[0]
+        if len(torch.unique(pairs)) != len(pairs):
+            return data.edge_index
+        with warnings.catch_warnings():  # torch calls its sparse CSR tensors "beta"; this product is stable
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            return to_torch_csr_tensor(edge_index.flip(0), size=(num_nodes, num_nodes))
 
     @torch.no_grad()
     def code_statistics(self, data: Data) -> dict[str, list[float]]:
