@@ -2,6 +2,7 @@
 
     python scripts/bench_graph.py                                   # 3 homophily levels + BA-house, 3 seeds
     python scripts/bench_graph.py --graphs csbm-0.5 --seeds 0 --tokenizer-steps 100 --epochs 5
+    python scripts/bench_graph.py --graphs --ppr-nodes 0 --scale-nodes 1000000   # the scale row alone
 
 For each graph and seed: the baselines train full-batch on the raw features; the
 token transformer trains a GraphTokenizerModule (stage 1, self-supervised, labels
@@ -9,16 +10,22 @@ unseen), writes node tokens with top-k PPR neighbours, and trains a
 GraphTransformerModule on those tokens alone (stage 2). Every model is tested at
 its best validation epoch. Prints markdown tables: test accuracy (mean +- std),
 bits per node, code usage per RVQ level, wall time, and PPR time on a 100k-node graph.
+The scale row tokenizes a generated graph of ``--scale-nodes`` nodes end to end (tokenizer
+trained on sampled subgraphs, then encode + PPR + token file) with the wall time and peak
+resident memory of each stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +38,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from tokenizers_q.models.graph_encoder import ENCODERS, propagate
 from tokenizers_q.models.ppr import ppr_topk
+from tokenizers_q.packing import load_tokens
 from tokenizers_q.trainers.graph_data import GraphDataModule, contextual_sbm, edge_homophily
 from tokenizers_q.trainers.graph_tokenizer import GraphTokenizerModule
 from tokenizers_q.trainers.graph_transformer import GraphTransformerModule
@@ -178,45 +186,7 @@ def ppr_timing(num_nodes: int, k: int) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=GRAPHS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num-nodes", type=int, default=4000)
-    parser.add_argument("--tokenizer-steps", type=int, default=300)
-    parser.add_argument("--conv", default="gcn", choices=list(ENCODERS), help="tokenizer GNN layers (hops: HopEncoder)")
-    parser.add_argument("--quantizer", default="rvq", choices=["rvq", "pq"], help="pq: one code per channel group")
-    parser.add_argument("--levels", type=int, default=3, help="RVQ levels or PQ groups")
-    parser.add_argument("--codes", type=int, default=256, help="codes per level")
-    parser.add_argument(
-        "--ego-features", action="store_true", help="the transformer also reads each node's own features"
-    )
-    parser.add_argument("--token-dropout", type=float, default=0.0, help="transformer: code tokens hidden in training")
-    parser.add_argument("--ppr-k", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--ppr-nodes", type=int, default=100_000, help="graph size of the PPR timing (0: skip)")
-    args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-
-    results: dict[str, dict[str, list]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.graphs:
-            for seed in args.seeds:
-                data = make_data(name, seed, args.num_nodes)
-                row = results.setdefault(name, {m: [] for m in (*BASELINES, "tokens", "baseline_s")})
-                row["homophily"] = edge_homophily(data.data.edge_index, data.data.y)
-                row["nodes"], row["features"] = data.data.num_nodes, data.data.x.shape[1]
-                start = time.perf_counter()
-                for kind in BASELINES:
-                    row[kind].append(train_baseline(kind, data.data, seed))
-                row["baseline_s"].append((time.perf_counter() - start) / len(BASELINES))
-                row["tokens"].append(token_transformer(data, seed, args, Path(tmp) / f"{name}-{seed}"))
-                done = {k: round(v[-1], 3) for k, v in row.items() if k in BASELINES}
-                print(f"{name} seed {seed}: {done} tokens {row['tokens'][-1]}", file=sys.stderr, flush=True)
-
+def print_accuracy_tables(results: dict[str, dict[str, list]], args) -> None:
     print(f"| graph | edge homophily | {' | '.join(BASELINES)} | token transformer | tokens - max(MLP, GCN) |")
     print("|---|---|" + "---|" * (len(BASELINES) + 2))
     for name, row in results.items():
@@ -251,8 +221,133 @@ def main() -> None:
         f"{EGO_NOTE if args.ego_features else ''}, token dropout {args.token_dropout}; "
         f"{torch.get_num_threads()} threads."
     )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def measured(name: str, stages: dict[str, tuple[float, int]]):
+    """Record the wall time and peak resident memory (sampled every 20 ms) of the block as ``stages[name]``."""
+    peak, stop = [resident_bytes()], threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], resident_bytes())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        stages[name] = (time.perf_counter() - start, max(peak[0], resident_bytes()))
+
+
+def scale_row(args, folder: Path) -> str:
+    """A generated graph of ``args.scale_nodes`` nodes tokenized end to end: the tokenizer trains on sampled
+    subgraphs (``GraphDataModule(batch_nodes=...)``), then ``write_node_tokens`` encodes every node, finds
+    its top-k PPR neighbours and writes the token file. Markdown: wall time and peak RSS of every stage."""
+    stages: dict[str, tuple[float, int]] = {}
+    L.seed_everything(0, verbose=False)
+    with measured("graph (contextual SBM, h = 0.5)", stages):
+        data = GraphDataModule(
+            graph=contextual_sbm(num_nodes=args.scale_nodes, homophily=0.5, avg_degree=10, seed=0),
+            batch_nodes=args.batch_nodes,
+            fanouts=args.fanouts,
+        )
+        data.setup()
+    graph = data.data
+    tokenizer = GraphTokenizerModule(quantizer_kwargs={"num_quantizers": args.levels, "codebook_size": args.codes})
+    name = f"tokenizer: {args.scale_steps} steps of {args.batch_nodes} seeds, fanouts {args.fanouts}"
+    with measured(name, stages):
+        fit = L.Trainer(
+            max_steps=args.scale_steps,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            logger=False,
+            enable_model_summary=False,
+            default_root_dir=folder,
+        )
+        fit.fit(tokenizer, data)
+    with measured("encode alone (all nodes)", stages):
+        tokenizer.encode(graph)
+    path = folder / "scale.safetensors"
+    with measured(f"write_node_tokens: encode + PPR top-{args.ppr_k} + token file", stages):
+        write_node_tokens(tokenizer, graph, path, ppr_k=args.ppr_k, progress=True)
+    codes = load_tokens(path).codes
+    usage = [len(torch.unique(codes[:, level])) / args.codes for level in range(codes.shape[1])]
+    total = sum(seconds for stage, (seconds, _) in stages.items() if not stage.startswith("encode alone"))
+    lines = [
+        f"Scale: {graph.num_nodes} nodes, {graph.num_edges} directed edges, {graph.x.shape[1]} features; "
+        f"{torch.get_num_threads()} threads.\n",
+        "| stage | wall s | peak RSS GB |",
+        "|---|---|---|",
+        *(f"| {stage} | {seconds:.0f} | {peak / 1e9:.2f} |" for stage, (seconds, peak) in stages.items()),
+        f"| **end to end** (graph, training, write_node_tokens) | **{total:.0f}** | "
+        f"**{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f}** (process peak) |",
+        f"\n{codes.shape[1]} x {args.codes} codes ({tokenizer.bits_per_node():.0f} bits per node), "
+        f"usage per level over all nodes: {', '.join(f'{100 * u:.0f}%' for u in usage)}; "
+        f"token file {path.stat().st_size / 1e6:.0f} MB.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graphs", nargs="*", default=list(GRAPHS), choices=GRAPHS, help="none: the scale row only")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num-nodes", type=int, default=4000)
+    parser.add_argument("--tokenizer-steps", type=int, default=300)
+    parser.add_argument("--conv", default="gcn", choices=list(ENCODERS), help="tokenizer GNN layers (hops: HopEncoder)")
+    parser.add_argument("--quantizer", default="rvq", choices=["rvq", "pq"], help="pq: one code per channel group")
+    parser.add_argument("--levels", type=int, default=3, help="RVQ levels or PQ groups")
+    parser.add_argument("--codes", type=int, default=256, help="codes per level")
+    parser.add_argument(
+        "--ego-features", action="store_true", help="the transformer also reads each node's own features"
+    )
+    parser.add_argument("--token-dropout", type=float, default=0.0, help="transformer: code tokens hidden in training")
+    parser.add_argument("--ppr-k", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--ppr-nodes", type=int, default=100_000, help="graph size of the PPR timing (0: skip)")
+    parser.add_argument("--scale-nodes", type=int, default=0, help="graph size of the end-to-end scale row (0: skip)")
+    parser.add_argument("--scale-steps", type=int, default=500, help="scale row: tokenizer training steps")
+    parser.add_argument("--batch-nodes", type=int, default=512, help="scale row: seed nodes per sampled subgraph")
+    parser.add_argument("--fanouts", type=int, nargs="+", default=[5, 5], help="scale row: in-neighbours per hop")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+
+    results: dict[str, dict[str, list]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.graphs:
+            for seed in args.seeds:
+                data = make_data(name, seed, args.num_nodes)
+                row = results.setdefault(name, {m: [] for m in (*BASELINES, "tokens", "baseline_s")})
+                row["homophily"] = edge_homophily(data.data.edge_index, data.data.y)
+                row["nodes"], row["features"] = data.data.num_nodes, data.data.x.shape[1]
+                start = time.perf_counter()
+                for kind in BASELINES:
+                    row[kind].append(train_baseline(kind, data.data, seed))
+                row["baseline_s"].append((time.perf_counter() - start) / len(BASELINES))
+                row["tokens"].append(token_transformer(data, seed, args, Path(tmp) / f"{name}-{seed}"))
+                done = {k: round(v[-1], 3) for k, v in row.items() if k in BASELINES}
+                print(f"{name} seed {seed}: {done} tokens {row['tokens'][-1]}", file=sys.stderr, flush=True)
+
+    if results:
+        print_accuracy_tables(results, args)
     if args.ppr_nodes:
         print("\n" + ppr_timing(args.ppr_nodes, args.ppr_k))
+    if args.scale_nodes:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n" + scale_row(args, Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ def encode_command(argv: list[str]) -> Path:
     parser.add_argument(
         "--features", action="store_true", help="graph tokenizers: also store node features (for ego_features)"
     )
+    parser.add_argument(
+        "--semantic-k", type=int, help="graph tokenizers: most feature-similar nodes stored per node (exact, N^2)"
+    )
     args = parser.parse_args(argv)
 
     from tokenizers_q.packing import save_tokens
@@ -150,12 +153,16 @@ def encode_graph(model, file: ModuleFile, args) -> Path:
     data.setup()
     k = args.ppr_k or data.hparams.ppr_k
     alpha = args.ppr_alpha or data.hparams.ppr_alpha
+    semantic_k = args.semantic_k if args.semantic_k is not None else data.hparams.get("semantic_k", 0)
     metadata = {"checkpoint": str(Path(args.ckpt).resolve()), "graph": str(data.hparams.graph)}
-    path = write_node_tokens(model, data.data, args.output, k, alpha, metadata, features=args.features)
+    path = write_node_tokens(
+        model, data.data, args.output, k, alpha, metadata, features=args.features, semantic_k=semantic_k
+    )
     spec = model.quantizer.spec
     print(
         f"wrote {data.data.num_nodes} nodes x {spec.num_codebooks} codebook(s), {spec.bits_per_token} bits/node, "
-        f"with their top-{k} PPR neighbours, to {path} ({path.stat().st_size} bytes)"
+        f"with their top-{k} PPR neighbours{f' and {semantic_k} similar nodes' if semantic_k else ''}, "
+        f"to {path} ({path.stat().st_size} bytes)"
     )
     return path
 

@@ -308,6 +308,8 @@ class GraphDataModule(L.LightningDataModule):
             has no ``train_mask`` / ``val_mask`` / ``test_mask`` of its own. Default: 0.2 and 0.2.
         ppr_k: personalised-PageRank neighbours per node stored with the node tokens. Default: 16.
         ppr_alpha: PPR restart probability. Default: 0.15.
+        semantic_k: most feature-similar nodes stored with the node tokens, read after the PPR neighbours
+            (exact search, O(N^2 F): for graphs up to about 10^5 nodes). Default: 0.
         seed: seed of the generated graph and of the split. Default: 0.
         batch_nodes: None: every loader yields the whole graph. A number: mini-batches, each the subgraph
             around ``batch_nodes`` seed nodes (all nodes, shuffled, in training; the split's nodes in
@@ -330,6 +332,7 @@ class GraphDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         ppr_k: int = 16,
         ppr_alpha: float = 0.15,
+        semantic_k: int = 0,
         seed: int = 0,
         batch_nodes: int | None = None,
         fanouts: list[int] | None = None,
@@ -338,6 +341,7 @@ class GraphDataModule(L.LightningDataModule):
         super().__init__()
         if batch_nodes is not None:
             check_int("batch_nodes", batch_nodes)
+        check_int("semantic_k", semantic_k, minimum=0)
         check_int("num_workers", num_workers, minimum=0)
         fanouts = [10, 10] if fanouts is None else list(fanouts)
         if not fanouts or not all(isinstance(f, int) and f >= 1 for f in fanouts):

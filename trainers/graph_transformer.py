@@ -9,7 +9,7 @@ from tokenizers_q.models.graph_transformer import GraphTransformer
 from tokenizers_q.packing import TokenSpec, load_tokens
 from tokenizers_q.trainers.artifacts import load_graph_tokenizer
 from tokenizers_q.trainers.module import Step, TrainingModule
-from tokenizers_q.trainers.node_tokens import check_node_tokens
+from tokenizers_q.trainers.node_tokens import check_node_tokens, sequence_neighbours
 
 _ENCODE_FEATURES = "write the token file with tokq encode --features (write_node_tokens(..., features=True))"
 
@@ -73,7 +73,7 @@ class GraphTransformerModule(TrainingModule):
             tokens = load_tokens(token_file)
             check_node_tokens(tokens, token_file)
             spec, num_classes = spec or tokens.spec.to_dict(), num_classes or tokens.metadata["num_classes"]
-            num_neighbours = num_neighbours if num_neighbours is not None else tokens.metadata["ppr_k"]
+            num_neighbours = num_neighbours if num_neighbours is not None else sequence_neighbours(tokens.metadata)
             tokenizer = tokenizer or tokens.metadata.get("checkpoint")
             if ego_features and feature_dim is None:
                 feature_dim = _feature_dim(tokens.extras, token_file)
