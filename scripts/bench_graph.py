@@ -126,7 +126,12 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     tokenizer_seconds = time.perf_counter() - start
     graph = data_module.data
     path = write_node_tokens(
-        tokenizer, graph, folder / "nodes.safetensors", ppr_k=args.ppr_k, features=args.ego_features
+        tokenizer,
+        graph,
+        folder / "nodes.safetensors",
+        ppr_k=args.ppr_k,
+        features=args.ego_features,
+        semantic_k=args.semantic_k,
     )
     stats = tokenizer.code_statistics(graph)
     code_bits, codebook_bits = tokenizer.bits_per_node(), float(tokenizer.shared_bits())
@@ -218,6 +223,7 @@ def print_accuracy_tables(results: dict[str, dict[str, list]], args) -> None:
         f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
+        f"{f' and {args.semantic_k} feature-similar nodes' if args.semantic_k else ''}"
         f"{EGO_NOTE if args.ego_features else ''}, token dropout {args.token_dropout}; "
         f"{torch.get_num_threads()} threads."
     )
@@ -313,6 +319,7 @@ def main() -> None:
     )
     parser.add_argument("--token-dropout", type=float, default=0.0, help="transformer: code tokens hidden in training")
     parser.add_argument("--ppr-k", type=int, default=16)
+    parser.add_argument("--semantic-k", type=int, default=0, help="most feature-similar nodes in each sequence")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
