@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_q.checks import check_int
@@ -37,6 +38,8 @@ class GraphTransformer(nn.Module):
             ego token, as GQT's released transformer does), whose output joins the pooled one: on heterophilous
             graphs, where neighbours are of other classes, the node's features are what tells its class.
             Default: None (codes only).
+        ego_dropout: dropout on the node's features and inside the ego token's MLP (what a feature MLP needs
+            on noisy features; 0.5 on the heterophilous benchmarks). Default: 0.
         token_dropout: in training, hide each code token with this probability (as padding; the ego token, or
             without one the node's own codes, stay): node codes are near-unique, so without it a transformer
             can memorise training nodes by their codes. Default: 0.
@@ -62,6 +65,7 @@ class GraphTransformer(nn.Module):
         gating: bool = True,
         feature_dim: int | None = None,
         token_dropout: float = 0.0,
+        ego_dropout: float = 0.0,
     ):
         super().__init__()
         if not codebook_sizes:
@@ -82,6 +86,9 @@ class GraphTransformer(nn.Module):
         if not 0.0 <= token_dropout < 1.0:
             raise ValueError(f"token_dropout must be in [0, 1), got {token_dropout}")
         self.token_dropout = token_dropout
+        if not 0.0 <= ego_dropout < 1.0:
+            raise ValueError(f"ego_dropout must be in [0, 1), got {ego_dropout}")
+        self.ego_dropout = ego_dropout
         self.ego = None
         if feature_dim is not None:
             self.ego = nn.Sequential(
@@ -100,6 +107,14 @@ class GraphTransformer(nn.Module):
     def init_embeddings_from(self, code_vectors: Sequence[torch.Tensor], seed: int = 0) -> None:
         """Start the code embeddings from the tokenizer's code vectors (one (K_c, e) tensor per codebook)."""
         init_embeddings(self.embed, code_vectors, seed)
+
+    def _ego_token(self, features: torch.Tensor) -> torch.Tensor:
+        """The ego token of (B, feature_dim) features: the ego MLP, with ``ego_dropout`` on its input and hidden
+        layer (functional, so checkpoints of models without it keep their parameter names)."""
+        norm, first, activation, second = self.ego
+        dropped = F.dropout(norm(features), self.ego_dropout, self.training)
+        hidden = F.dropout(activation(first(dropped)), self.ego_dropout, self.training)
+        return second(hidden)
 
     def _check(self, codes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> None:
         length, width = 1 + self.num_neighbours, len(self.codebook_sizes)
@@ -138,7 +153,7 @@ class GraphTransformer(nn.Module):
                 hidden[:, : len(self.embed)] = False  # the node's own codes stay (with an ego token, that one does)
             padding = padding | hidden
         if self.ego is not None:  # the ego token first, never padding
-            tokens = torch.cat([self.ego(features)[:, None], tokens], dim=1)
+            tokens = torch.cat([self._ego_token(features)[:, None], tokens], dim=1)
             padding = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
         h = self.norm(self.blocks(tokens, src_key_padding_mask=padding))
         weights = self.pool(h).squeeze(-1).masked_fill(padding, float("-inf")).softmax(dim=-1)

@@ -147,6 +147,7 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
         lr=2e-3,
         ego_features=args.ego_features,
         token_dropout=args.token_dropout,
+        ego_dropout=args.ego_dropout,
     )
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", monitor="val/accuracy", mode="max")
     fit = trainer(folder, max_epochs=args.epochs, callbacks=[best], gradient_clip_val=1.0)
@@ -218,13 +219,14 @@ def print_accuracy_tables(results: dict[str, dict[str, list]], args) -> None:
             f"| {name} | {row['nodes']} | {32 * row['features']} | {first['code_bits']:.0f} | {amortised:.0f} | "
             f"{usage} | {' | '.join(f'{t:.0f}' for t in times)} |"
         )
+    ego = f"{EGO_NOTE} (dropout {args.ego_dropout})" if args.ego_features else ""
     print(
         f"\n{args.conv} tokenizer, {args.levels} {args.quantizer.upper()} levels x {args.codes} codes, "
         f"{args.tokenizer_steps} tokenizer "
         "steps (full batch), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
         f"{f' and {args.semantic_k} feature-similar nodes' if args.semantic_k else ''}"
-        f"{EGO_NOTE if args.ego_features else ''}, token dropout {args.token_dropout}; "
+        f"{ego}, token dropout {args.token_dropout}; "
         f"{torch.get_num_threads()} threads."
     )
 
@@ -317,6 +319,7 @@ def main() -> None:
     parser.add_argument(
         "--ego-features", action="store_true", help="the transformer also reads each node's own features"
     )
+    parser.add_argument("--ego-dropout", type=float, default=0.0, help="transformer: dropout on the ego path")
     parser.add_argument("--token-dropout", type=float, default=0.0, help="transformer: code tokens hidden in training")
     parser.add_argument("--ppr-k", type=int, default=16)
     parser.add_argument("--semantic-k", type=int, default=0, help="most feature-similar nodes in each sequence")

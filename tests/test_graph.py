@@ -201,6 +201,23 @@ def test_the_ego_token_lets_the_transformer_read_a_nodes_own_features():
         GraphTransformer([8], num_classes=2, num_neighbours=2, dim=32)(codes, scores, valid, features)
 
 
+def test_ego_dropout_acts_in_training_only_and_keeps_parameter_names():
+    torch.manual_seed(0)
+    settings = {"num_classes": 2, "num_neighbours": 2, "dim": 32, "depth": 1, "num_heads": 2, "feature_dim": 5}
+    plain = GraphTransformer([8], **settings, dropout=0.0)
+    dropped = GraphTransformer([8], **settings, dropout=0.0, ego_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())  # the same parameters: older checkpoints load
+    codes, valid = torch.zeros(16, 3, 1, dtype=torch.long), torch.ones(16, 3, dtype=torch.bool)
+    scores, features = torch.rand(16, 3), torch.randn(16, 5)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(codes, scores, valid, features), plain(codes, scores, valid, features))
+    dropped.train()
+    first, second = dropped(codes, scores, valid, features), dropped(codes, scores, valid, features)
+    assert not torch.allclose(first, second)  # fresh dropout masks on the ego path each call
+    with pytest.raises(ValueError, match=r"ego_dropout must be in \[0, 1\), got 1.0"):
+        GraphTransformer([8], **settings, ego_dropout=1.0)
+
+
 def test_token_dropout_hides_code_tokens_in_training_only():
     torch.manual_seed(0)
     model = GraphTransformer(

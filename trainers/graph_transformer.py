@@ -32,7 +32,7 @@ class GraphTransformerModule(TrainingModule):
         token_file: a node token file to read the layout from.
         spec, num_classes, num_neighbours: the layout given directly instead.
         tokenizer: graph tokenizer checkpoint (for ``init_from_codebook``); default: the token file's.
-        dim, depth, num_heads, mlp_ratio, dropout, gating, token_dropout: see
+        dim, depth, num_heads, mlp_ratio, dropout, gating, token_dropout, ego_dropout: see
             :class:`~tokenizers_q.models.GraphTransformer`
             (checkpoints saved with ``heads`` still load).
         ego_features: read each node's own features as one more token (the token file must hold them:
@@ -59,6 +59,7 @@ class GraphTransformerModule(TrainingModule):
         dropout: float = 0.1,
         gating: bool = True,
         token_dropout: float = 0.0,
+        ego_dropout: float = 0.0,
         ego_features: bool = False,
         feature_dim: int | None = None,
         init_from_codebook: bool = False,
@@ -107,6 +108,7 @@ class GraphTransformerModule(TrainingModule):
             hp.gating,
             feature_dim,
             hp.token_dropout,
+            hp.get("ego_dropout", 0.0),
         )
 
     def configure_model(self) -> None:
