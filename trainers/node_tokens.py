@@ -47,8 +47,8 @@ def write_node_tokens(
     masks = {f"{s}_mask": data[f"{s}_mask"] for s in SPLITS if f"{s}_mask" in data}
     if len(masks) != len(SPLITS):
         raise ValueError(f"the graph needs train/val/test node masks, it has {sorted(masks) or 'none'}")
-    codes = tokenizer.encode(data)
     check_int("semantic_k", semantic_k, minimum=0)
+    codes = tokenizer.encode(data)
     index, score = ppr_topk(data.edge_index, data.num_nodes, k=ppr_k, alpha=ppr_alpha, progress=progress)
     semantic = {}
     if semantic_k:
@@ -122,7 +122,7 @@ class NodeTokenDataset(Dataset):
         self.codes = tokens.codes.long()
         self.labels = tokens.extras["labels"].long()
         index, scores = tokens.extras["ppr_index"].long(), tokens.extras["ppr_score"].float()
-        if "semantic_index" in tokens.extras:
+        if int(tokens.metadata.get("semantic_k", 0)):  # check_node_tokens: then semantic_index is there
             index = torch.cat([index, tokens.extras["semantic_index"].long()], dim=1)
             scores = torch.cat([scores, tokens.extras["semantic_score"].float()], dim=1)
         nodes = torch.arange(len(index))[:, None]
