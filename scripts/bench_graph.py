@@ -163,11 +163,15 @@ def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Pat
     }
 
 
-def make_data(name: str, seed: int, num_nodes: int) -> GraphDataModule:
+def make_data(name: str, seed: int, num_nodes: int, batch_nodes: int | None = None, fanouts=None) -> GraphDataModule:
+    """The graph ``name`` (``csbm-<homophily>`` or ``ba_house``); with ``batch_nodes`` its loaders yield sampled
+    subgraphs (the tokenizer then trains on them)."""
+    sampling = {"batch_nodes": batch_nodes, "fanouts": fanouts}
     if name == "ba_house":
-        data = GraphDataModule(graph="ba_house", seed=seed)
+        data = GraphDataModule(graph="ba_house", seed=seed, **sampling)
     else:
-        data = GraphDataModule(graph="csbm", num_nodes=num_nodes, homophily=float(name.split("-")[1]), seed=seed)
+        homophily = float(name.split("-")[1])
+        data = GraphDataModule(graph="csbm", num_nodes=num_nodes, homophily=homophily, seed=seed, **sampling)
     data.setup()
     return data
 
@@ -223,7 +227,7 @@ def print_accuracy_tables(results: dict[str, dict[str, list]], args) -> None:
     print(
         f"\n{args.conv} tokenizer, {args.levels} {args.quantizer.upper()} levels x {args.codes} codes, "
         f"{args.tokenizer_steps} tokenizer "
-        "steps (full batch), "
+        f"steps ({'full batch' if args.batch_nodes is None else f'subgraphs of {args.batch_nodes} seeds'}), "
         f"transformer dim {args.dim} depth {args.depth}, {args.epochs} epochs, top-{args.ppr_k} PPR neighbours"
         f"{f' and {args.semantic_k} feature-similar nodes' if args.semantic_k else ''}"
         f"{ego}, token dropout {args.token_dropout}; "
@@ -266,13 +270,13 @@ def scale_row(args, folder: Path) -> str:
     with measured("graph (contextual SBM, h = 0.5)", stages):
         data = GraphDataModule(
             graph=contextual_sbm(num_nodes=args.scale_nodes, homophily=0.5, avg_degree=10, seed=0),
-            batch_nodes=args.batch_nodes,
+            batch_nodes=args.batch_nodes or 512,
             fanouts=args.fanouts,
         )
         data.setup()
     graph = data.data
     tokenizer = GraphTokenizerModule(quantizer_kwargs={"num_quantizers": args.levels, "codebook_size": args.codes})
-    name = f"tokenizer: {args.scale_steps} steps of {args.batch_nodes} seeds, fanouts {args.fanouts}"
+    name = f"tokenizer: {args.scale_steps} steps of {data.hparams.batch_nodes} seeds, fanouts {args.fanouts}"
     with measured(name, stages):
         fit = L.Trainer(
             max_steps=args.scale_steps,
@@ -329,8 +333,12 @@ def main() -> None:
     parser.add_argument("--ppr-nodes", type=int, default=100_000, help="graph size of the PPR timing (0: skip)")
     parser.add_argument("--scale-nodes", type=int, default=0, help="graph size of the end-to-end scale row (0: skip)")
     parser.add_argument("--scale-steps", type=int, default=500, help="scale row: tokenizer training steps")
-    parser.add_argument("--batch-nodes", type=int, default=512, help="scale row: seed nodes per sampled subgraph")
-    parser.add_argument("--fanouts", type=int, nargs="+", default=[5, 5], help="scale row: in-neighbours per hop")
+    parser.add_argument(
+        "--batch-nodes",
+        type=int,
+        help="tokenizer on sampled subgraphs of this many seeds (default: full batch; scale: 512)",
+    )
+    parser.add_argument("--fanouts", type=int, nargs="+", default=[5, 5], help="sampled in-neighbours per hop")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -339,7 +347,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.graphs:
             for seed in args.seeds:
-                data = make_data(name, seed, args.num_nodes)
+                data = make_data(name, seed, args.num_nodes, args.batch_nodes, args.fanouts)
                 row = results.setdefault(name, {m: [] for m in (*BASELINES, "tokens", "baseline_s")})
                 row["homophily"] = edge_homophily(data.data.edge_index, data.data.y)
                 row["nodes"], row["features"] = data.data.num_nodes, data.data.x.shape[1]
