@@ -82,12 +82,22 @@ class MaskedFeatureReconstruction(nn.Module):
         mask = mask_nodes(x.shape[0], self.mask_rate, x.device)
         return torch.where(mask[:, None], self.mask_token.to(x.dtype), x), mask
 
-    def loss(self, latent: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor, mask: torch.Tensor):
+    def loss(
+        self,
+        latent: torch.Tensor,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        mask: torch.Tensor,
+        scored: int | None = None,
+    ):
         """Reconstruction error of the masked nodes' features from the latents of the masked graph,
-        plus ``visible_weight`` times that of the visible nodes (from their own latents)."""
+        plus ``visible_weight`` times that of the visible nodes (from their own latents); only the first
+        ``scored`` nodes count (the seeds of a sampled subgraph; None: all)."""
         latent = torch.where(mask[:, None], self.remask_token.to(latent.dtype), latent)
-        reconstruction = self.decoder(latent, edge_index)
-        loss = scaled_cosine_error(reconstruction[mask], x[mask], self.gamma)
+        reconstruction, x, mask = self.decoder(latent, edge_index)[:scored], x[:scored], mask[:scored]
+        loss = (
+            scaled_cosine_error(reconstruction[mask], x[mask], self.gamma) if mask.any() else reconstruction.sum() * 0
+        )
         if self.visible_weight > 0 and not mask.all():
             loss = loss + self.visible_weight * scaled_cosine_error(reconstruction[~mask], x[~mask], self.gamma)
         return loss
@@ -158,12 +168,15 @@ class LatentPrediction(nn.Module):
         keep = (torch.rand(x.shape[1], device=x.device) >= self.feature_drop).to(x.dtype)
         return x * keep, drop_edges(edge_index, self.edge_drop)
 
-    def loss(self, online: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        """Cosine loss between the predicted online latents and the teacher's latents of ``(x, edge_index)``."""
+    def loss(
+        self, online: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor, scored: int | None = None
+    ) -> torch.Tensor:
+        """Cosine loss between the predicted online latents and the teacher's latents of ``(x, edge_index)``,
+        over the first ``scored`` nodes (None: all)."""
         with torch.no_grad():
             self.teacher.train(self.training)
-            target = self.teacher(x, edge_index)
-        return 2.0 - 2.0 * F.cosine_similarity(self.predictor(online), target, dim=-1).mean()
+            target = self.teacher(x, edge_index)[:scored]
+        return 2.0 - 2.0 * F.cosine_similarity(self.predictor(online[:scored]), target, dim=-1).mean()
 
     @torch.no_grad()
     def update_teacher(self, encoder: nn.Module) -> None:

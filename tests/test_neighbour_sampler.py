@@ -157,3 +157,27 @@ def test_encoding_by_sparse_products_equals_message_passing(conv):
         sparse = conv != "gat" and name != "repeated edges"
         assert used.layout == (torch.sparse_csr if sparse else torch.strided), name
         assert torch.equal(tokenizer.encode(data), tokenizer.quantizer.encode(by_product))
+
+
+def test_the_losses_of_a_sampled_subgraph_score_its_seeds_only():
+    from tokenizers_q.models.graph_ssl import LatentPrediction, MaskedFeatureReconstruction, scaled_cosine_error
+
+    torch.manual_seed(0)
+    graph = contextual_sbm(num_nodes=50, num_features=6, seed=0)
+    tokenizer = GraphTokenizerModule(in_dim=6, hidden_dim=8, latent_dim=8, quantizer_kwargs=SMALL_RVQ)
+    latent = torch.randn(50, 8)
+    bgrl: LatentPrediction = tokenizer.bgrl
+    with torch.no_grad():
+        target = bgrl.teacher.eval()(graph.x, graph.edge_index)[:5]
+        expected = 2 - 2 * torch.nn.functional.cosine_similarity(bgrl.predictor(latent[:5]), target).mean()
+    bgrl.eval()
+    torch.testing.assert_close(bgrl.loss(latent, graph.x, graph.edge_index, scored=5), expected)
+    mae: MaskedFeatureReconstruction = tokenizer.mae.eval()
+    mask = torch.arange(50) % 2 == 0
+    masked = torch.where(mask[:, None], mae.remask_token, latent)
+    reconstruction = mae.decoder(masked, graph.edge_index)[:5]
+    first = scaled_cosine_error(reconstruction[mask[:5]], graph.x[:5][mask[:5]], mae.gamma)
+    rest = scaled_cosine_error(reconstruction[~mask[:5]], graph.x[:5][~mask[:5]], mae.gamma)
+    got = mae.loss(latent, graph.x, graph.edge_index, mask, scored=5)
+    torch.testing.assert_close(got, first + mae.visible_weight * rest)
+    assert not torch.allclose(got, mae.loss(latent, graph.x, graph.edge_index, mask))  # None: every node

@@ -183,20 +183,21 @@ class GraphTokenizerModule(TrainingModule):
     # -- training ----------------------------------------------------------------------------
     def _loss_terms(self, data: Data) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         hp, x, edge_index = self.hparams, data.x, data.edge_index
+        scored = getattr(data, "batch_size", None)  # a sampled subgraph: only its seeds have whole neighbourhoods
         out = self.quantizer(self.encoder(x, edge_index))
         losses = {"quantizer": out.loss}
         if self.dgi is not None:
             negative = self.quantizer(self.encoder(self.dgi.corrupt(x), edge_index)).quantized
-            losses["dgi"] = self.dgi.loss(out.quantized, negative)
+            losses["dgi"] = self.dgi.loss(out.quantized[:scored], negative[:scored])
         if self.mae is not None or self.bgrl is not None:
             masked_x, mask = self.mae.mask(x) if self.mae is not None else (x, None)
             view_x, view_edges = (masked_x, edge_index) if self.bgrl is None else self.bgrl.view(masked_x, edge_index)
             online = self.quantizer(self.encoder(view_x, view_edges))
             losses["quantizer"] = losses["quantizer"] + online.loss
             if self.mae is not None:
-                losses["mae"] = self.mae.loss(online.quantized, x, view_edges, mask)
+                losses["mae"] = self.mae.loss(online.quantized, x, view_edges, mask, scored)
             if self.bgrl is not None:
-                losses["latent"] = self.bgrl.loss(online.quantized, *self.bgrl.view(x, edge_index))
+                losses["latent"] = self.bgrl.loss(online.quantized, *self.bgrl.view(x, edge_index), scored)
         weights = {
             "quantizer": hp.quantizer_weight,
             "dgi": hp.dgi_weight,
