@@ -313,8 +313,8 @@ class GraphDataModule(L.LightningDataModule):
         seed: seed of the generated graph and of the split. Default: 0.
         batch_nodes: None: every loader yields the whole graph. A number: mini-batches, each the subgraph
             around ``batch_nodes`` seed nodes (all nodes, shuffled, in training; the split's nodes in
-            validation and test) with ``fanouts`` sampled in-neighbours per hop; losses read every node of a
-            subgraph. Default: None.
+            validation and test) with ``fanouts`` sampled in-neighbours per hop; the tokenizer's losses score
+            the seeds only (the other nodes lack part of their neighbourhood). Default: None.
         fanouts: in-neighbours drawn per node at each hop, one entry per GNN layer. Default: [10, 10].
         num_workers: loader processes sampling subgraphs (with ``batch_nodes``). Default: 0.
     """

@@ -27,7 +27,9 @@ class GraphTokenizerModule(TrainingModule):
     The loss is ``mae_weight * masked feature reconstruction + dgi_weight * DGI +
     latent_weight * BGRL latent prediction + quantizer_weight * the quantizer's loss``;
     a weight of 0 switches a part off (its parameters are not built). Every step sees what the
-    :class:`GraphDataModule` yields: the whole graph, or with ``batch_nodes`` a sampled subgraph.
+    :class:`GraphDataModule` yields: the whole graph, or with ``batch_nodes`` a sampled subgraph, whose
+    self-supervised losses score its seeds only (``data.batch_size``, the first nodes): the others were
+    reached at the last hop and lack part of their neighbourhood, which ``encode`` never does.
 
     Args:
         in_dim: node feature size; default: read from the data module.
