@@ -47,6 +47,22 @@ def test_folder_splits_are_disjoint_and_cover_every_image(image_folder):
     assert next(iter(colour.dataloader("val")))[0].shape == (4, 3, 8, 8)
 
 
+def test_a_held_out_folder_is_the_whole_test_split(image_folder, tmp_path):
+    from helpers import make_image_folder
+
+    (tmp_path / "held_out").mkdir()
+    held_out = make_image_folder(tmp_path / "held_out")  # (the same images, in a folder of its own)
+    data = folder_data(image_folder, test_root=str(held_out))
+    data.setup()
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    assert sizes["test"] == NUM_IMAGES and sizes["train"] + sizes["val"] == NUM_IMAGES  # nothing of root held out
+    assert data.splits["test"].root == str(held_out)
+    with pytest.raises(FileNotFoundError, match="image folder .*missing does not exist"):
+        folder_data(image_folder, test_root=str(tmp_path / "missing")).setup()
+    with pytest.raises(ValueError, match="test_root is a folder of held-out images for source='folder'"):
+        ImageDataModule(source="fashion_mnist", test_root=str(held_out))
+
+
 def test_training_order_depends_only_on_seed_and_epoch(image_folder):
     def first_epochs(seed):
         loader = folder_data(image_folder, seed=seed).train_dataloader()
@@ -257,6 +273,23 @@ def test_cli_encode_decode_matches_the_model(trained, tmp_path, monkeypatch):
     tokq(["decode", "--tokens", str(tokens_path), "--ckpt", str(ckpt), "--output", str(grid), "--num-images", "3"])
     with Image.open(grid) as im:
         assert im.size == (3 * (IMAGE_SIZE + 1) + 1, IMAGE_SIZE + 2)
+
+
+def test_cli_encodes_and_tests_a_held_out_folder(trained, tmp_path):
+    from helpers import make_image_folder
+
+    (tmp_path / "held_out").mkdir()
+    held_out = make_image_folder(tmp_path / "held_out")
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    tokens_path = tmp_path / "held_out.safetensors"
+    tokq(["encode", "--ckpt", str(ckpt), "--output", str(tokens_path), "--test-root", str(held_out)])
+    images = torch.cat(
+        [x for x, _ in datamodule_from_checkpoint(ckpt, {"test_root": str(held_out)}).dataloader("test")]
+    )
+    assert images.shape[0] == NUM_IMAGES  # every held-out image, not a slice of the training folder
+    assert torch.equal(load_tokens(tokens_path).codes, load_tokenizer(ckpt).encode(images))
+    config, test_root = trained / "config.yaml", ["--data.init_args.test_root", str(held_out)]
+    tokq(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.logger", "false", *test_root])
 
 
 def test_cli_validate_and_test(trained):

@@ -105,6 +105,7 @@ def encode_command(argv: list[str]) -> Path:
     parser.add_argument("--output", required=True, help="token file to write (.safetensors)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data-root", help="override the data root stored in the checkpoint")
+    parser.add_argument("--test-root", help="image tokenizers: a folder of held-out images as the test split")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
     parser.add_argument("--graph", help="graph tokenizers: override the graph (csbm, ba_house or a .pt file)")
     parser.add_argument("--ppr-k", type=int, help="graph tokenizers: PPR neighbours stored per node")
@@ -125,7 +126,8 @@ def encode_command(argv: list[str]) -> Path:
         return encode_graph(model, file, args)
     if not isinstance(model, AutoencoderModule):
         raise ValueError(f"{args.ckpt} holds a {type(model).__name__}, not an image or graph tokenizer")
-    data = datamodule_from_checkpoint(file, {"root": args.data_root, "batch_size": args.batch_size})
+    overrides = {"root": args.data_root, "batch_size": args.batch_size, "test_root": args.test_root}
+    data = datamodule_from_checkpoint(file, overrides)
     codes_t, labels = encode_split(model, data, args.split)
     spec = model.quantizer.spec
     metadata = {

@@ -197,6 +197,9 @@ class ImageDataModule(SplitDataModule):
         num_workers: DataLoader workers. Default: 0.
         val_fraction: share of the training images held out for validation. Default: 0.05.
         test_fraction: share held out for test when the source has no test split (folders). Default: 0.1.
+        test_root: a folder of held-out images (``root/<class>/<image>``, as ``root``) that is the whole test
+            split, for ``source="folder"``: ``tokq test`` / ``tokq encode --split test`` then read images the
+            training never saw, and nothing of ``root`` is held out for test. Default: None.
         max_train_images: use at most this many training images (quick runs). Default: all.
         seed: seed of the splits and of the training order. Default: 0.
     """
@@ -215,9 +218,12 @@ class ImageDataModule(SplitDataModule):
         test_fraction: float = 0.1,
         max_train_images: int | None = None,
         seed: int = 0,
+        test_root: str | None = None,
     ):
         super().__init__()
         check_choice("source", source, SOURCES)
+        if test_root is not None and source != "folder":
+            raise ValueError(f"test_root is a folder of held-out images for source='folder', got source={source!r}")
         check_choice("channels", channels, (1, 3))
         if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"val_fraction and test_fraction must be in [0, 1), got {val_fraction}, {test_fraction}")
@@ -229,7 +235,7 @@ class ImageDataModule(SplitDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_images, self.seed = max_train_images, seed
+        self.max_train_images, self.seed, self.test_root = max_train_images, seed, test_root
         self.splits: dict[str, Dataset] = {}
 
     # -- reading each source -----------------------------------------------------------
@@ -257,16 +263,20 @@ class ImageDataModule(SplitDataModule):
         steps += [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size), transforms.ToTensor()]
         return transforms.Compose(steps)
 
-    def _folder(self) -> tuple[Dataset, Dataset]:
+    def _image_folder(self, root: Path) -> Dataset:
         from torchvision.datasets import ImageFolder
 
-        root = Path(self.root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         try:
-            full = ImageFolder(str(root), transform=self._transform())
+            return ImageFolder(str(root), transform=self._transform())
         except (FileNotFoundError, RuntimeError) as err:
             raise FileNotFoundError(f"no images found under {root} (expected {root}/<class>/<image>): {err}") from None
+
+    def _folder(self) -> tuple[Dataset, Dataset]:
+        full = self._image_folder(Path(self.root))
+        if self.test_root is not None:
+            return full, self._image_folder(Path(self.test_root))
         n_test = int(len(full) * self.test_fraction)
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed + 1)).tolist()
         return Subset(full, order[n_test:]), Subset(full, order[:n_test])
