@@ -25,6 +25,7 @@ from tokenizers_q.trainers.callbacks import (
     ExportOnFitEnd,
     ReconstructionGrid,
     SampleGrid,
+    ValidateAtEnd,
 )
 from tokenizers_q.trainers.data import EpochSeededSampler, ImageDataModule, ResumableLoader
 from tokenizers_q.trainers.kv_data import KVActivationDataModule, TokenSequenceDataModule
@@ -58,6 +59,7 @@ __all__ = [
     "CodebookUsagePlot",
     "EpochSeededSampler",
     "ExportOnFitEnd",
+    "ValidateAtEnd",
     "ImageDataModule",
     "KVActivationDataModule",
     "KVDistillationModule",

@@ -1,4 +1,5 @@
-"""Callbacks: codebook health in the logs, reconstruction and usage PNGs, the exported model at the end of fit."""
+"""Callbacks: codebook health in the logs, reconstruction and usage PNGs, validation at the last step, the
+exported model at the end of fit."""
 
 from __future__ import annotations
 
@@ -165,6 +166,20 @@ class SampleGrid(L.Callback):
         folder = run_dir(trainer) / "samples"
         save_image_grid(images, folder / f"step_{trainer.global_step:06d}.png", nrow=max(1, per_row))
         self.last_path = save_image_grid(images, folder / "latest.png", nrow=max(1, per_row))
+
+
+class ValidateAtEnd(L.Callback):
+    """Validate after the last training step of a ``max_steps`` run, so every run writes its validation
+    metrics (and the PNGs of the callbacks that draw on validation), whatever ``val_check_interval`` says: a
+    400-step run with the configs' interval of 500 otherwise never validates. A last step that is already a
+    validation step validates once.
+
+    It asks the trainer to stop at the last step; Lightning validates when a run stops early
+    (``Trainer.should_stop``), so this needs no private loop state."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
 
 
 class ExportOnFitEnd(L.Callback):

@@ -1,0 +1,65 @@
+"""Every run validates at its last step: ValidateAtEnd with a real Trainer, and in every shipped config."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from tokenizers_q.trainers import ValidateAtEnd
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class Recorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.validated_at = torch.nn.Linear(2, 1), []
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.validated_at.append(self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "max_steps", "interval", "expected"),
+    [
+        ([], 10, 50, []),  # without it a run shorter than its interval never validates
+        ([ValidateAtEnd()], 10, 50, [10]),
+        ([ValidateAtEnd()], 12, 4, [4, 8, 12]),  # a last step on the interval validates once
+        ([ValidateAtEnd()], 30, 8, [8, 16, 24, 30]),
+    ],
+)
+def test_a_run_validates_at_its_last_step(callbacks, max_steps, interval, expected, tmp_path):
+    loader = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
+    module = Recorder()
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader, loader)
+    assert module.validated_at == expected and trainer.global_step == max_steps
+
+
+def test_every_shipped_config_with_a_validation_interval_validates_at_the_end():
+    configs = [p for p in sorted(CONFIGS.glob("*/*.yaml")) if "val_check_interval" in p.read_text()]
+    assert len(configs) >= 8
+    for path in configs:
+        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        assert any(c["class_path"] == "tokenizers_q.trainers.ValidateAtEnd" for c in callbacks), path.name
