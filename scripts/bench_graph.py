@@ -102,13 +102,9 @@ def train_baseline(kind: str, data, seed: int, epochs: int = 300) -> float:
 
 
 def trainer(folder: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=folder,
-        **kwargs,
-    )
+    """A quiet Trainer (no logger, progress bar or model summary unless ``kwargs`` say otherwise)."""
+    settings = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
+    return L.Trainer(default_root_dir=folder, **settings)
 
 
 def token_transformer(data_module: GraphDataModule, seed: int, args, folder: Path) -> dict:
@@ -278,13 +274,12 @@ def scale_row(args, folder: Path) -> str:
     tokenizer = GraphTokenizerModule(quantizer_kwargs={"num_quantizers": args.levels, "codebook_size": args.codes})
     name = f"tokenizer: {args.scale_steps} steps of {data.hparams.batch_nodes} seeds, fanouts {args.fanouts}"
     with measured(name, stages):
-        fit = L.Trainer(
+        fit = trainer(
+            folder,
             max_steps=args.scale_steps,
             limit_val_batches=0,
             enable_checkpointing=False,
-            logger=False,
-            enable_model_summary=False,
-            default_root_dir=folder,
+            enable_progress_bar=True,
         )
         fit.fit(tokenizer, data)
     with measured("encode alone (all nodes)", stages):
