@@ -8,6 +8,7 @@ from tokenizers_q.quantizers.base import (
     register_quantizer,
 )
 from tokenizers_q.quantizers.bsq import BSQ, LFQ
+from tokenizers_q.quantizers.external import VectorQuantizePytorch
 from tokenizers_q.quantizers.fsq import FSQ
 from tokenizers_q.quantizers.pq import PQ
 from tokenizers_q.quantizers.rvq import RVQ
@@ -22,6 +23,7 @@ __all__ = [
     "VQ",
     "Quantizer",
     "QuantizerOutput",
+    "VectorQuantizePytorch",
     "create_quantizer",
     "list_quantizers",
     "register_quantizer",
