@@ -18,6 +18,7 @@ _LAZY = {
     "LatentPrediction": "graph_ssl",
     "MaskedFeatureReconstruction": "graph_ssl",
     "GraphTransformer": "graph_transformer",
+    "PerceptualLoss": "perceptual",
     "ppr_topk": "ppr",
 }
 
@@ -39,6 +40,7 @@ __all__ = [
     "LatentPrediction",
     "MaskedFeatureReconstruction",
     "PatchDiscriminator",
+    "PerceptualLoss",
     "ResBlock",
     "TokenTransformer",
     "adaptive_gan_weight",

@@ -15,10 +15,33 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tokenizers_q.checks import check_int
+from tokenizers_q.checks import check_choice, check_int
+
+NORMS = ("group", "pixel", "none")
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+class PixelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel alone, with a per-channel affine.
+
+    Unlike GroupNorm it takes no statistics over the image, so a flat image keeps its colour.
+
+    Shapes:
+        - input, output: (B, C, H, W)
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _norm(channels: int, kind: str = "group") -> nn.Module:
+    if kind == "pixel":
+        return PixelNorm(channels)
+    if kind == "none":
+        return nn.Identity()
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
@@ -31,13 +54,13 @@ class ResBlock(nn.Module):
         - output: (B, out_channels, H, W)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
         self.body = nn.Sequential(
-            _norm(in_channels),
+            _norm(in_channels, norm),
             nn.SiLU(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            _norm(out_channels),
+            _norm(out_channels, norm),
             nn.SiLU(),
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -86,9 +109,11 @@ class Encoder(nn.Module):
         num_res_blocks: int = 1,
         latent_dim: int = 64,
         dropout: float = 0.0,
+        norm: str = "group",
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
+        check_choice("norm", norm, NORMS)
         _check_stages(in_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
         self.in_channels, self.latent_dim = in_channels, latent_dim
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
@@ -96,11 +121,11 @@ class Encoder(nn.Module):
         channels = base_channels * channel_mult[0]
         for i, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers.append(ResBlock(channels, base_channels * mult, dropout))
+                layers.append(ResBlock(channels, base_channels * mult, dropout, norm))
                 channels = base_channels * mult
             if i < len(channel_mult) - 1:
                 layers.append(nn.Conv2d(channels, channels, 4, stride=2, padding=1))
-        layers += [ResBlock(channels, channels, dropout), _norm(channels), nn.SiLU()]
+        layers += [ResBlock(channels, channels, dropout, norm), _norm(channels, norm), nn.SiLU()]
         layers.append(nn.Conv2d(channels, latent_dim, 1))
         self.net = nn.Sequential(*layers)
 
@@ -134,20 +159,25 @@ class Decoder(nn.Module):
         num_res_blocks: int = 1,
         latent_dim: int = 64,
         dropout: float = 0.0,
+        norm: str = "group",
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
+        check_choice("norm", norm, NORMS)
         _check_stages(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
         self.out_channels, self.latent_dim = out_channels, latent_dim
         channels = base_channels * channel_mult[-1]
-        layers: list[nn.Module] = [nn.Conv2d(latent_dim, channels, 3, padding=1), ResBlock(channels, channels, dropout)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(latent_dim, channels, 3, padding=1),
+            ResBlock(channels, channels, dropout, norm),
+        ]
         for i, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks):
-                layers.append(ResBlock(channels, base_channels * mult, dropout))
+                layers.append(ResBlock(channels, base_channels * mult, dropout, norm))
                 channels = base_channels * mult
             if i > 0:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1)]
-        layers += [_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
+        layers += [_norm(channels, norm), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     @property

@@ -129,6 +129,8 @@ def load_module(source: str | os.PathLike | ModuleFile, base: type[nn.Module] = 
     """
     file = _module_file(source)
     cls, config = _current_config(file, base)
+    loss_only = getattr(cls, "loss_only_arguments", ())  # parts of the training loss only: built without them
+    config = {**config, "init_args": {k: v for k, v in config["init_args"].items() if k not in loss_only}}
     with warnings.catch_warnings():  # Lightning warns when injected parts are saved as hyper-parameters
         warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
         try:

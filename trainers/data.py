@@ -121,6 +121,7 @@ class ResumableLoader(DataLoader):
             batch_size=batch_size,
             sampler=EpochSeededSampler(len(dataset), seed),
             num_workers=num_workers,
+            persistent_workers=num_workers > 0,  # workers decode while the model trains, kept across epochs
             generator=torch.Generator().manual_seed(seed),
         )
         self._yielded, self._skip = 0, 0

@@ -98,10 +98,14 @@ class TrainingModule(L.LightningModule):
         fallback_total_steps: the schedule's length without a trainer (e.g. a module stepped by hand).
         renamed_arguments: earlier names of arguments; checkpoints and exports saved under them still load
             (:func:`tokenizers_q.files.current_arguments`, with a ``DeprecationWarning``).
+        loss_only_arguments: parts that serve only the training loss and hold no state (e.g. a perceptual loss
+            on a backbone file); a module loaded from a file for use is built without them, so it needs none
+            of their files. Resuming a run (``tokq fit --ckpt_path``) builds them from the run's config.
     """
 
     fallback_total_steps: ClassVar[int] = 1000
     renamed_arguments: ClassVar[dict[str, str]] = {}
+    loss_only_arguments: ClassVar[tuple[str, ...]] = ()
 
     def losses(self, batch, stage: str) -> Step:
         """The logged losses (``"loss"`` among them) of one batch of ``stage`` (train / val / test)."""
