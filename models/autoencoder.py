@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_q.checks import check_choice, check_int
@@ -110,11 +111,13 @@ class Encoder(nn.Module):
         latent_dim: int = 64,
         dropout: float = 0.0,
         norm: str = "group",
+        low_pass: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
         check_choice("norm", norm, NORMS)
         _check_stages(in_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
+        self.low_pass = nn.Conv2d(in_channels, latent_dim, 1) if low_pass else None
         self.in_channels, self.latent_dim = in_channels, latent_dim
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels * channel_mult[0], 3, padding=1)]
@@ -138,7 +141,8 @@ class Encoder(nn.Module):
         f = self.downsample_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image height and width must be divisible by {f}, got {tuple(x.shape[-2:])}")
-        return self.net(x)
+        z = self.net(x)
+        return z if self.low_pass is None else z + self.low_pass(F.avg_pool2d(x, f))
 
 
 class Decoder(nn.Module):
@@ -160,11 +164,14 @@ class Decoder(nn.Module):
         latent_dim: int = 64,
         dropout: float = 0.0,
         norm: str = "group",
+        low_pass: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
         check_choice("norm", norm, NORMS)
         _check_stages(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim)
+        self.upsample_factor = 2 ** (len(channel_mult) - 1)
+        self.low_pass = nn.Conv2d(latent_dim, out_channels, 1) if low_pass else None
         self.out_channels, self.latent_dim = out_channels, latent_dim
         channels = base_channels * channel_mult[-1]
         layers: list[nn.Module] = [
@@ -188,4 +195,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4 or z.shape[1] != self.latent_dim:
             raise ValueError(f"Decoder expects latents of shape (B, {self.latent_dim}, h, w), got {tuple(z.shape)}")
-        return self.net(z)
+        out = self.net(z)
+        if self.low_pass is not None:
+            out = out + F.interpolate(self.low_pass(z), scale_factor=self.upsample_factor, mode="bilinear")
+        return out

@@ -207,7 +207,8 @@ class PerceptualLoss(nn.Module):
             raise FileNotFoundError(
                 f"PerceptualLoss needs torchvision's ImageNet VGG16 weights: pass weights=<path of a .pth or "
                 f".safetensors file of VGG16>, or place torchvision's {VGG16_FILE} at {path} (the cache where "
-                f"it is looked for when weights is None). Nothing is downloaded."
+                f"it is looked for when weights is None), or train without it (tokq fit ... --model.init_args."
+                f"perceptual null). Nothing is downloaded."
             )
         return path
 
