@@ -77,6 +77,7 @@ COLUMNS = (
     ("ssim", 3),
     ("mean_error", 3),
     ("usage", 3),
+    ("train_usage", 3),
     ("perplexity", 0),
     ("train_images_per_s", 0),
     ("train_minutes", 1),
@@ -94,6 +95,9 @@ def run_cell(data: str, quantizer: str, seed: int, max_steps: int, out: str, roo
     argv += ["--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", f"{quantizer}-seed{seed}"]
     if data == "photos":
         argv += ["--model.init_args.quantizer", json.dumps(PHOTO_QUANTIZERS[quantizer])]
+        if "bsq" in quantizer or "lfq" in quantizer:  # entropy weight from 3x, annealed (Open-MAGVIT2, MaskBit)
+            argv += ["--model.init_args.entropy_annealing_steps", str(max_steps // 3)]
+            argv += ["--model.init_args.entropy_annealing_factor", "3.0"]
         argv += ["--data.init_args.root", f"{root}/train", "--data.init_args.test_root", f"{root}/test"]
     elif root:
         argv += ["--data.init_args.root", root]
@@ -104,6 +108,7 @@ def run_cell(data: str, quantizer: str, seed: int, max_steps: int, out: str, roo
     model = cli.model.eval()
     loader = cli.datamodule.dataloader("test")
     stats = model.code_statistics(loader)
+    train_usage = model.code_statistics(cli.datamodule.dataloader("train"))["usage"]
     codes_shape = (1, *model.encode(next(iter(loader))[0][:1]).shape[1:])
     channels = [results[k] for k in sorted(results) if k.startswith("test/mean_error_")]
     return {
@@ -113,6 +118,7 @@ def run_cell(data: str, quantizer: str, seed: int, max_steps: int, out: str, roo
         "ssim": results["test/ssim"],
         "mean_error": max(abs(c) for c in channels),
         "usage": statistics.mean(stats["usage"]) if stats["usage"] else math.nan,
+        "train_usage": statistics.mean(train_usage) if train_usage else math.nan,
         "perplexity": statistics.mean(stats["perplexity"]) if stats["perplexity"] else math.nan,
         "train_images_per_s": max_steps * cli.datamodule.batch_size / seconds,
         "train_minutes": seconds / 60,
@@ -212,8 +218,8 @@ def mean_std(values: list[float], digits: int) -> str:
 
 
 def table(rows: dict[str, list[dict]], note: str) -> str:
-    head = "| method | bits/token | bits/image | PSNR dB | SSIM | max channel mean error | usage | perplexity "
-    lines = [head + "| train img/s | train min |", "|---" * 10 + "|"]
+    head = "| method | bits/token | bits/image | PSNR dB | SSIM | max channel mean error | usage | train usage "
+    lines = [head + "| perplexity | train img/s | train min |", "|---" * 11 + "|"]
     for name, cells in rows.items():
         cols = [mean_std([c[key] for c in cells if key in c], digits) for key, digits in COLUMNS]
         bits = cells[0].get("bits_per_token", "-")

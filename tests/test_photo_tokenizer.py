@@ -73,6 +73,28 @@ def test_saturated_colours_come_back_without_a_channel_bias():
     assert results["test/psnr"] > 16.0
 
 
+def test_the_low_pass_path_codes_and_decodes_each_patch_mean():
+    torch.manual_seed(0)
+    kw = dict(base_channels=8, channel_mult=[1, 2, 2], latent_dim=8, norm="none", low_pass=True)
+    encoder, decoder = Encoder(3, **kw), Decoder(3, **kw)
+    with torch.no_grad():  # the convolutions silent: only the linear path is left
+        for conv in (encoder.net[-1], decoder.net[-1]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        w, b = encoder.low_pass.weight[:, :, 0, 0], encoder.low_pass.bias
+        inverse = torch.linalg.pinv(w)
+        decoder.low_pass.weight.copy_(inverse[:, :, None, None])
+        decoder.low_pass.bias.copy_(-inverse @ b)
+    x = torch.rand(2, 3, 1, 1).repeat(1, 1, 16, 16)  # flat colours: the patch means are the image
+    with torch.no_grad():
+        z = encoder(x)
+        assert z.shape == (2, 8, 4, 4)
+        torch.testing.assert_close(decoder(z), x, atol=1e-5, rtol=1e-5)
+    encoder.zero_grad()
+    decoder(encoder(torch.rand(2, 3, 16, 16))).square().mean().backward()
+    assert encoder.low_pass.weight.grad.abs().sum() > 0 and encoder.net[-1].weight.grad.abs().sum() > 0
+
+
 def test_every_norm_builds_and_an_unknown_one_is_refused():
     x = torch.rand(2, 3, 16, 16)
     for norm in ("group", "pixel", "none"):
