@@ -218,6 +218,8 @@ class AutoencoderModule(TrainingModule):
         return factor - (factor - 1.0) * min(1.0, self._batches_done() / steps)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        if not self.entropy_weights:
+            return
         multiple = self.entropy_multiple()
         modules = dict(self.quantizer.named_modules())
         for name, base in self.entropy_weights.items():
