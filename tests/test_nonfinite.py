@@ -189,7 +189,7 @@ def test_projected_quantizers_take_any_float_dtype(variant, dtype):
 
 
 @pytest.mark.parametrize("name", ["lfq", "bsq"])
-@pytest.mark.parametrize("entropy", ["exact", "factorised"])
+@pytest.mark.parametrize("entropy", ["exact", "grouped", "factorised"])
 def test_entropy_under_bf16_autocast_is_computed_in_float32(name, entropy):
     q = create_quantizer(name, dim=8, codebook_size=2**8, codebook_entropy=entropy)  # no projection
     x = torch.randn(512, 8)

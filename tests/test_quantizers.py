@@ -1,5 +1,7 @@
 """Behaviour of each quantizer beyond the shared contract, with parity against references."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,9 +133,9 @@ def test_bsq_codes_lie_on_the_unit_sphere():
 
 
 @pytest.mark.parametrize("cls", [LFQ, BSQ])
-@pytest.mark.parametrize("mode", ["exact", "factorised"])
+@pytest.mark.parametrize("mode", ["exact", "grouped", "factorised"])
 def test_entropies_match_the_softmax_over_all_codes(cls, mode):
-    bits = 6
+    bits = 6 if mode != "grouped" else 14  # grouped: two exact groups of 7 bits
     q = cls(dim=bits, codebook_size=2**bits, inv_temperature=3.0, codebook_entropy=mode)
     x = torch.randn(500, bits) * 0.5
     m = q(x).metrics
@@ -148,12 +150,36 @@ def test_entropies_match_the_softmax_over_all_codes(cls, mode):
     torch.testing.assert_close(m["per_sample_entropy"], per_sample, atol=1e-4, rtol=1e-4)
     if mode == "exact":
         torch.testing.assert_close(m["codebook_entropy"], exact_codebook_entropy, atol=1e-4, rtol=1e-4)
-    else:  # the sum of the per-bit marginals' entropies bounds the joint entropy from above
+    else:  # a sum of the groups' entropies bounds the joint entropy from above
         assert m["codebook_entropy"] > exact_codebook_entropy + 1e-3
 
 
+def test_grouped_codebook_entropy_is_the_sum_of_each_groups_exact_entropy():
+    x = torch.randn(300, 14) * 0.5
+    grouped = LFQ(dim=14, codebook_size=2**14, inv_temperature=3.0, codebook_entropy="grouped")
+    assert grouped.entropy_groups == (7, 7)
+    halves = [LFQ(dim=7, codebook_size=2**7, inv_temperature=3.0, codebook_entropy="exact") for _ in range(2)]
+    expected = sum(q(part).metrics["codebook_entropy"] for q, part in zip(halves, x.split(7, dim=-1)))
+    torch.testing.assert_close(grouped(x).metrics["codebook_entropy"], expected)
+
+
+def test_grouped_entropy_sees_correlated_bits_that_per_bit_entropy_misses():
+    # every row is all ones or all zeros: each bit is balanced, only two codes are used
+    x = torch.randn(400, 1).sign().expand(400, 16) + 0.01 * torch.randn(400, 16)
+    entropy = {
+        mode: LFQ(dim=16, codebook_size=2**16, codebook_entropy=mode)(x).metrics["codebook_entropy"]
+        for mode in ("factorised", "grouped")
+    }
+    torch.testing.assert_close(entropy["factorised"], torch.tensor(16 * math.log(2)), rtol=1e-2, atol=0)
+    torch.testing.assert_close(entropy["grouped"], torch.tensor(2 * math.log(2)), rtol=1e-2, atol=0)
+
+
 def test_codebook_entropy_mode_is_checked_and_automatic():
-    assert BSQ(dim=12, codebook_size=2**12).exact_entropy and not BSQ(dim=16, codebook_size=2**16).exact_entropy
+    assert BSQ(dim=12, codebook_size=2**12).entropy_groups == (12,)
+    assert BSQ(dim=16, codebook_size=2**16).entropy_groups == (8, 8)
+    assert BSQ(dim=18, codebook_size=2**18).entropy_groups == (9, 9)
+    assert LFQ(dim=25, codebook_size=2**25).entropy_groups == (9, 8, 8)
+    assert LFQ(dim=4, codebook_entropy="factorised").entropy_groups == (1, 1, 1, 1)
     with pytest.raises(ValueError, match="codebook_entropy must be one of"):
         LFQ(dim=4, codebook_entropy="sampled")
 
