@@ -32,9 +32,13 @@ class Recorder(L.LightningModule):
     ("callbacks", "max_steps", "interval", "expected"),
     [
         ([], 10, 50, []),  # without it a run shorter than its interval never validates
-        ([ValidateAtEnd()], 10, 50, [10]),
-        ([ValidateAtEnd()], 12, 4, [4, 8, 12]),  # a last step on the interval validates once
-        ([ValidateAtEnd()], 30, 8, [8, 16, 24, 30]),
+        ([ValidateAtEnd(min_validations=1)], 10, 50, [10]),
+        ([ValidateAtEnd(min_validations=1)], 12, 4, [4, 8, 12]),  # a last step on the interval validates once
+        ([ValidateAtEnd(min_validations=1)], 30, 8, [8, 16, 24, 30]),
+        ([ValidateAtEnd()], 10, 50, [2, 4, 6, 8, 10]),  # the interval shrinks to max_steps // 4
+        ([ValidateAtEnd()], 30, 8, [7, 14, 21, 28, 30]),
+        ([ValidateAtEnd()], 40, 5, [5, 10, 15, 20, 25, 30, 35, 40]),  # already short enough: kept
+        ([ValidateAtEnd(min_validations=3)], 2, 50, [1, 2]),  # never below one step
     ],
 )
 def test_a_run_validates_at_its_last_step(callbacks, max_steps, interval, expected, tmp_path):
@@ -55,6 +59,31 @@ def test_a_run_validates_at_its_last_step(callbacks, max_steps, interval, expect
     )
     trainer.fit(module, loader, loader)
     assert module.validated_at == expected and trainer.global_step == max_steps
+
+
+def test_an_interval_given_in_epochs_is_left_alone(tmp_path):
+    loader = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=4)  # 4 steps an epoch
+    module = Recorder()
+    trainer = L.Trainer(
+        max_steps=8,
+        check_val_every_n_epoch=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[ValidateAtEnd()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader, loader)
+    assert module.validated_at == [4, 8]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_min_validations_is_checked(bad):
+    with pytest.raises(ValueError, match=f"min_validations must be an int >= 1, got {bad!r}"):
+        ValidateAtEnd(min_validations=bad)
 
 
 def test_every_shipped_config_with_a_validation_interval_validates_at_the_end():

@@ -169,13 +169,31 @@ class SampleGrid(L.Callback):
 
 
 class ValidateAtEnd(L.Callback):
-    """Validate after the last training step of a ``max_steps`` run, so every run writes its validation
+    """Validate often enough in a ``max_steps`` run and after its last step, so every run writes its validation
     metrics (and the PNGs of the callbacks that draw on validation), whatever ``val_check_interval`` says: a
-    400-step run with the configs' interval of 500 otherwise never validates. A last step that is already a
-    validation step validates once.
+    400-step run with the configs' interval of 500 otherwise never validates.
 
-    It asks the trainer to stop at the last step; Lightning validates when a run stops early
-    (``Trainer.should_stop``), so this needs no private loop state."""
+    A step interval (``val_check_interval`` an int, ``check_val_every_n_epoch`` null) longer than
+    ``max_steps / min_validations`` is shortened to it, so a short run still validates about
+    ``min_validations`` times; a last step that is already a validation step validates once. To stop at the
+    last step it sets ``Trainer.should_stop`` (Lightning validates when a run stops early), so this needs no
+    private loop state.
+
+    Args:
+        min_validations: validations a run of ``max_steps`` steps gets at least (the last one at its end).
+            Default: 4.
+    """
+
+    def __init__(self, min_validations: int = 4):
+        if isinstance(min_validations, bool) or not isinstance(min_validations, int) or min_validations < 1:
+            raise ValueError(f"min_validations must be an int >= 1, got {min_validations!r}")
+        self.min_validations = min_validations
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        steps_mode = trainer.check_val_every_n_epoch is None and isinstance(trainer.val_check_interval, int)
+        if stage == "fit" and trainer.max_steps > 0 and steps_mode:
+            longest = max(1, trainer.max_steps // self.min_validations)
+            trainer.val_check_interval = min(trainer.val_check_interval, longest)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
