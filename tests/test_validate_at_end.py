@@ -28,6 +28,27 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def validation_steps(tmp_path, callbacks, max_steps, samples=64, **intervals) -> list[int]:
+    """Fit the recorder with a real Trainer (batches of 4); the global steps at which it validated."""
+    loader = DataLoader(TensorDataset(torch.randn(samples, 2)), batch_size=4)
+    module = Recorder()
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        **intervals,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader, loader)
+    assert trainer.global_step == max_steps
+    return module.validated_at
+
+
 @pytest.mark.parametrize(
     ("callbacks", "max_steps", "interval", "expected"),
     [
@@ -42,42 +63,13 @@ class Recorder(L.LightningModule):
     ],
 )
 def test_a_run_validates_at_its_last_step(callbacks, max_steps, interval, expected, tmp_path):
-    loader = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
-    module = Recorder()
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        val_check_interval=interval,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, loader, loader)
-    assert module.validated_at == expected and trainer.global_step == max_steps
+    steps = validation_steps(tmp_path, callbacks, max_steps, val_check_interval=interval, check_val_every_n_epoch=None)
+    assert steps == expected
 
 
 def test_an_interval_given_in_epochs_is_left_alone(tmp_path):
-    loader = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=4)  # 4 steps an epoch
-    module = Recorder()
-    trainer = L.Trainer(
-        max_steps=8,
-        check_val_every_n_epoch=1,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=[ValidateAtEnd()],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, loader, loader)
-    assert module.validated_at == [4, 8]
+    steps = validation_steps(tmp_path, [ValidateAtEnd()], 8, samples=16, check_val_every_n_epoch=1)  # 4 steps an epoch
+    assert steps == [4, 8]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
