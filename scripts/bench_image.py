@@ -49,10 +49,14 @@ def _vqp(name: str, **args) -> dict:
     return {"class_path": "tokenizers_q.VectorQuantizePytorch", "init_args": {"name": name, "kwargs": args}}
 
 
+# Rows state every argument that differs from the class's default: `--model.init_args.quantizer` with another
+# class_path keeps the config's init_args that the new class also takes (photo32.yaml's codebook_dim: 8 reaches RVQ).
 PHOTO_QUANTIZERS = {
     "vq": _vq(1024),
     "fsq": _ours("FSQ", levels=[8, 5, 5, 5]),
-    "rvq": _ours("RVQ", num_quantizers=2, quantizer_kwargs={"codebook_size": 32, "threshold_ema_dead_code": 1.0}),
+    "rvq": _ours(
+        "RVQ", num_quantizers=2, codebook_dim=8, quantizer_kwargs={"codebook_size": 32, "threshold_ema_dead_code": 1.0}
+    ),
     "pq": _ours("PQ", num_groups=2, quantizer_kwargs={"codebook_size": 32, "threshold_ema_dead_code": 1.0}),
     "bsq": _ours("BSQ", codebook_size=1024),
     "lfq": _ours("LFQ", codebook_size=1024),
@@ -60,7 +64,9 @@ PHOTO_QUANTIZERS = {
     "fsq-16": _ours("FSQ", levels=[8, 8, 8, 5, 5, 5]),
     "bsq-16": _ours("BSQ", codebook_size=2**16),
     "lfq-16": _ours("LFQ", codebook_size=2**16),
-    "rvq-16": _ours("RVQ", num_quantizers=2, quantizer_kwargs={"codebook_size": 256, "threshold_ema_dead_code": 1.0}),
+    "rvq-16": _ours(
+        "RVQ", num_quantizers=2, codebook_dim=8, quantizer_kwargs={"codebook_size": 256, "threshold_ema_dead_code": 1.0}
+    ),
     "pq-16": _ours("PQ", num_groups=2, quantizer_kwargs={"codebook_size": 256, "threshold_ema_dead_code": 1.0}),
     "vqp-vq-16": _vqp("VectorQuantize", dim=PHOTO_DIM, codebook_size=2**16, codebook_dim=8, use_cosine_sim=True),
     "vqp-fsq-16": _vqp("FSQ", dim=PHOTO_DIM, levels=[8, 8, 8, 5, 5, 5]),
