@@ -36,6 +36,7 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 CODEBOOK_ENTROPIES = ("auto", "exact", "grouped", "factorised")
 ENTROPY_GROUP_MAX_BITS = 12
+LOG_PROB_FLOOR = -80.0  # e^-80 ~ 1.8e-35: still a normal float32
 
 
 def entropy_groups(bits: int, mode: str) -> tuple[int, ...]:
@@ -163,9 +164,11 @@ class LFQ(Quantizer):
         for group in logits.split(self.entropy_groups, dim=-1):
             shifts = torch.arange(group.shape[-1], device=logits.device)
             all_bits = (torch.arange(2 ** len(shifts), device=logits.device).unsqueeze(1) >> shifts) & 1
-            log_p = F.logsigmoid(-group).sum(-1, keepdim=True) + group @ all_bits.float().T  # (N, 2^g)
-            log_mean = torch.logsumexp(log_p, 0) - math.log(group.shape[0])
-            total = total + -(log_mean.exp() * log_mean).sum()
+            log_p = F.logsigmoid(-group).sum(-1, keepdim=True) + group @ all_bits.float().T  # (N, 2^g), <= 0
+            # below e^-80 a probability adds nothing to the mean; the clamp keeps exp() off subnormal floats,
+            # which are ~30x slower on CPUs
+            mean_prob = log_p.clamp_min(LOG_PROB_FLOOR).exp().mean(0)
+            total = total - (mean_prob * mean_prob.log()).sum()
         return total
 
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
