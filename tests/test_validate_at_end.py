@@ -72,9 +72,17 @@ def test_an_interval_given_in_epochs_is_left_alone(tmp_path):
     assert steps == [4, 8]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
-def test_min_validations_is_checked(bad):
-    with pytest.raises(ValueError, match=f"min_validations must be an int >= 1, got {bad!r}"):
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (0, ValueError, "min_validations must be a positive int, got 0"),
+        (-1, ValueError, "min_validations must be a positive int, got -1"),
+        (2.5, TypeError, r"min_validations must be an int, got 2.5 \(float\)"),
+        (True, TypeError, r"min_validations must be an int, got True \(bool\)"),
+    ],
+)
+def test_min_validations_is_checked(bad, error, message):
+    with pytest.raises(error, match=message):
         ValidateAtEnd(min_validations=bad)
 
 

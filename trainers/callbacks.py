@@ -185,9 +185,7 @@ class ValidateAtEnd(L.Callback):
     """
 
     def __init__(self, min_validations: int = 4):
-        if isinstance(min_validations, bool) or not isinstance(min_validations, int) or min_validations < 1:
-            raise ValueError(f"min_validations must be an int >= 1, got {min_validations!r}")
-        self.min_validations = min_validations
+        self.min_validations = check_int("min_validations", min_validations)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         steps_mode = trainer.check_val_every_n_epoch is None and isinstance(trainer.val_check_interval, int)
