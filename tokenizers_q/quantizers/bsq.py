@@ -34,6 +34,11 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none")
 
 
+def code_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``bits`` bits of each code, least significant first. Shapes: codes (..., 1) int -> (..., bits) int."""
+    return (codes >> torch.arange(bits, device=codes.device)) & 1
+
+
 CODEBOOK_ENTROPIES = ("auto", "exact", "grouped", "factorised")
 ENTROPY_GROUP_MAX_BITS = 12
 LOG_PROB_FLOOR = -80.0  # e^-80 ~ 1.8e-35: still a normal float32
@@ -162,8 +167,8 @@ class LFQ(Quantizer):
         """
         total = logits.new_zeros(())
         for group in logits.split(self.entropy_groups, dim=-1):
-            shifts = torch.arange(group.shape[-1], device=logits.device)
-            all_bits = (torch.arange(2 ** len(shifts), device=logits.device).unsqueeze(1) >> shifts) & 1
+            bits = group.shape[-1]
+            all_bits = code_bits(torch.arange(2**bits, device=logits.device).unsqueeze(1), bits)
             log_p = F.logsigmoid(-group).sum(-1, keepdim=True) + group @ all_bits.float().T  # (N, 2^g), <= 0
             # below e^-80 a probability adds nothing to the mean; the clamp keeps exp() off subnormal floats,
             # which are ~30x slower on CPUs
@@ -172,7 +177,7 @@ class LFQ(Quantizer):
         return total
 
     def _decode_flat(self, codes: torch.Tensor) -> torch.Tensor:
-        bits = (codes >> torch.arange(self.bits, device=codes.device)) & 1
+        bits = code_bits(codes, self.bits)
         return self.project_out(torch.where(bits.bool(), self.scale, -self.scale))
 
 
