@@ -33,11 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 FASHION_QUANTIZERS = ("vq", "rvq", "fsq", "bsq", "lfq", "pq")
 #: the photo rows: the quantizer that replaces photo32.yaml's, for a latent of PHOTO_DIM channels
 PHOTO_DIM = 32
+#: LlamaGen's factorised codes: an 8-d L2-normalised lookup
+FACTORISED = {"codebook_dim": 8, "use_cosine_sim": True}
 
 
 def _vq(size: int) -> dict:
-    # LlamaGen's factorised codes: an 8-d L2-normalised lookup
-    args = {"dim": PHOTO_DIM, "codebook_size": size, "codebook_dim": 8, "use_cosine_sim": True}
+    args = {"dim": PHOTO_DIM, "codebook_size": size, **FACTORISED}
     return {"class_path": "tokenizers_q.VQ", "init_args": {**args, "threshold_ema_dead_code": 1.0}}
 
 
@@ -57,7 +58,9 @@ PHOTO_QUANTIZERS = {
     "rvq": _ours(
         "RVQ", num_quantizers=2, codebook_dim=8, quantizer_kwargs={"codebook_size": 32, "threshold_ema_dead_code": 1.0}
     ),
-    "pq": _ours("PQ", num_groups=2, quantizer_kwargs={"codebook_size": 32, "threshold_ema_dead_code": 1.0}),
+    "pq": _ours(
+        "PQ", num_groups=2, quantizer_kwargs={**FACTORISED, "codebook_size": 32, "threshold_ema_dead_code": 1.0}
+    ),
     "bsq": _ours("BSQ", codebook_size=1024),
     "lfq": _ours("LFQ", codebook_size=1024),
     "vq-16": _vq(2**16),
