@@ -38,8 +38,8 @@ FACTORISED = {"codebook_dim": 8, "use_cosine_sim": True}
 
 
 def _vq(size: int) -> dict:
-    args = {"dim": PHOTO_DIM, "codebook_size": size, **FACTORISED}
-    return {"class_path": "tokenizers_q.VQ", "init_args": {**args, "threshold_ema_dead_code": 1.0}}
+    args = {"dim": PHOTO_DIM, "codebook_size": size, **FACTORISED, "threshold_ema_dead_code": 1.0}
+    return {"class_path": "tokenizers_q.VQ", "init_args": args}
 
 
 def _ours(name: str, **args) -> dict:
